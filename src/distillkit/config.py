@@ -1,0 +1,257 @@
+"""Typed run configuration: YAML files plus `key=value` overrides, validated field by field."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclass
+class SubsetConfig:
+    """Which part of the training split a run trains on."""
+
+    method: str = "full"  # full | random | kt
+    fraction: float = 1.0
+    features: str = "pixels"  # pixels | teacher
+    per_class: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a training or distillation run needs; flat keys except `subset`."""
+
+    name: str = "run"
+    method: str = "ce"  # ce | kd | fitnet
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    augment: bool = True
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    # student (the model being trained)
+    model: str = "cnn_small"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # teacher: a run directory or checkpoint file of a trained model
+    teacher: str | None = None
+    teacher_cache: bool = False
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    grad_clip: float | None = None
+    # distillation
+    temperature: float = 4.0
+    alpha: float = 0.1  # weight of cross-entropy; the KD term gets 1 - alpha
+    hint_layer: str | None = None  # student layer for fitnet
+    teacher_hint_layer: str | None = None  # teacher layer for fitnet
+    hint_weight: float = 100.0
+    # engine
+    device: str = "auto"  # auto | cpu | cuda | mps | cuda:N
+    amp: str = "none"  # none | bf16 | fp16
+    seed: int = 0
+    deterministic: bool = False
+    out_dir: str | None = None  # default runs/<name>
+    quiet: bool = False
+    tensorboard: bool = False
+    save_every: int = 1
+    sync_bn: bool = False
+
+    def run_dir(self) -> Path:
+        """Directory this run writes to."""
+        return Path(self.out_dir) if self.out_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for YAML/JSON, nested dataclasses included."""
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("ce", "kd", "fitnet"),
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("cosine", "step", "constant"),
+    "amp": ("none", "bf16", "fp16"),
+    "subset.method": ("full", "random", "kt"),
+    "subset.features": ("pixels", "teacher"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotated type, converting only the safe cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(cfg: RunConfig) -> None:
+    for key, allowed in CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise ConfigError(f"config key '{key}': unknown value {obj!r}; choose from {allowed}")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    positive["eval_batch_size"] = cfg.eval_batch_size
+    positive["temperature"] = cfg.temperature
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {value!r}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ConfigError(f"config key 'alpha': must be in [0, 1], got {cfg.alpha!r}")
+    if not 0.0 < cfg.subset.fraction <= 1.0:
+        raise ConfigError(
+            f"config key 'subset.fraction': must be in (0, 1], got {cfg.subset.fraction!r}"
+        )
+    if cfg.method in ("kd", "fitnet") and not cfg.teacher:
+        raise ConfigError(
+            f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT"
+        )
+    if cfg.subset.features == "teacher" and cfg.subset.method == "kt" and not cfg.teacher:
+        raise ConfigError("config key 'subset.features': 'teacher' needs a teacher")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['lr=0.1', 'subset.method=kt'] into a nested dict, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "model_kwargs":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a (possibly partial) dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"a config must be a mapping of keys to values, got {type(data).__name__}"
+        )
+    cfg = _build(RunConfig, data)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or none: defaults) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys to values")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,86 @@
+"""Checkpoints: atomic writes, clear errors on corrupt files, and loading a trained model back."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "distillkit-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt, or not a distillkit checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write `state` to `path` atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """Accept a checkpoint file or a run directory (then checkpoints/<which>.pt, else last.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in (which, "last", "best"):
+            candidate = p / "checkpoints" / f"{name}.pt"
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(
+            f"no checkpoint found in run directory {p} (looked in {p / 'checkpoints'})"
+        )
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_checkpoint(path: str | Path, which: str = "best") -> dict[str, Any]:
+    """Read a checkpoint, raising CheckpointError that names the file if it is unusable."""
+    p = resolve_checkpoint(path, which)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {p} is corrupt or unreadable: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{p} is not a distillkit checkpoint")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{p} was written by a newer distillkit (format {state['version']})")
+    return state
+
+
+def model_from_checkpoint(
+    path: str | Path, which: str = "best"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained model a checkpoint holds; returns (model in eval mode, checkpoint)."""
+    from distillkit.models import build_model
+
+    state = load_checkpoint(path, which)
+    meta = state["model_meta"]
+    model = build_model(
+        meta["name"],
+        in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"],
+        image_size=meta["image_size"],
+        **meta.get("kwargs", {}),
+    )
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, state

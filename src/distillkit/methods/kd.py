@@ -1,0 +1,47 @@
+"""Hinton knowledge distillation: alpha * CE + (1 - alpha) * T^2 * KL(p_t^T || p_s^T)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillkit.methods.base import Batch, Distiller
+from distillkit.methods.losses import kd_kl
+
+
+class KD(Distiller):
+    """Works with any teacher kind: logits, probabilities, or hard labels (then one-hot targets)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        temperature: float = 4.0,
+        alpha: float = 0.1,
+        num_classes: int | None = None,
+    ):
+        super().__init__(student, teacher)
+        self.temperature = temperature
+        self.alpha = alpha
+        self.num_classes = num_classes
+
+    def teacher_log_probs(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """Ask the teacher (by sample index where it caches) and return log-probabilities."""
+        if idx is not None and hasattr(self.teacher, "values"):
+            out = self.teacher(x, idx)
+        else:
+            out = self.teacher(x)
+        return out.log_probs(self.num_classes)
+
+    def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CE on labels plus the tempered KL to the teacher."""
+        x, y, idx = batch
+        with torch.no_grad():
+            t_log_probs = self.teacher_log_probs(x, idx)
+        logits = self.student(x)
+        losses = {
+            "ce": self.alpha * F.cross_entropy(logits, y),
+            "kd": (1.0 - self.alpha) * kd_kl(logits, t_log_probs, self.temperature),
+        }
+        return logits, losses

@@ -1,0 +1,235 @@
+"""Turn a RunConfig into a trained run directory: data, models, teacher, method, trainer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distillkit.config import ConfigError, RunConfig, config_from_dict, save_config
+from distillkit.data.datasets import DataBundle, load_dataset
+from distillkit.data.transforms import normalize, to_float
+from distillkit.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from distillkit.engine.distributed import (
+    DistContext,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
+from distillkit.engine.trainer import Trainer, resolve_device, seed_everything
+from distillkit.methods import KD, CrossEntropy, Distiller, FitNet
+from distillkit.models import build_model, penultimate_features
+from distillkit.teachers import CachedTeacher, LocalTeacher
+
+
+@dataclass
+class Prepared:
+    """What a run needs, assembled from its config."""
+
+    cfg: RunConfig
+    bundle: DataBundle
+    distiller: Distiller
+    device: torch.device
+    ctx: DistContext
+    run_dir: Path
+    train_indices: np.ndarray | None
+    model_meta: dict[str, Any]
+
+
+def load_teacher(cfg: RunConfig, bundle: DataBundle) -> LocalTeacher:
+    """The teacher model of a finished run, checked against the dataset it will see."""
+    model, state = model_from_checkpoint(cfg.teacher, which="best")
+    meta = state["model_meta"]
+    if meta["num_classes"] != bundle.num_classes or meta["in_channels"] != bundle.in_channels:
+        raise ConfigError(
+            f"teacher {cfg.teacher} was trained for {meta['in_channels']}-channel inputs and "
+            f"{meta['num_classes']} classes, dataset '{bundle.name}' has {bundle.in_channels} and "
+            f"{bundle.num_classes}"
+        )
+    return LocalTeacher(model)
+
+
+def build_distiller(
+    cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, bundle: DataBundle
+) -> Distiller:
+    """The method object named by cfg.method."""
+    if cfg.method == "ce":
+        return CrossEntropy(student)
+    assert teacher is not None
+    if cfg.method == "kd":
+        return KD(student, teacher, cfg.temperature, cfg.alpha, num_classes=bundle.num_classes)
+    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    s_layers = getattr(student, "hook_layers", [])
+    t_layers = getattr(teacher.model, "hook_layers", [])
+    s_layer = cfg.hint_layer or (s_layers[len(s_layers) // 2] if s_layers else None)
+    t_layer = cfg.teacher_hint_layer or (t_layers[len(t_layers) // 2] if t_layers else None)
+    if s_layer is None or t_layer is None:
+        raise ConfigError(
+            "fitnet needs hint_layer and teacher_hint_layer for models without hook_layers"
+        )
+    return FitNet(student, teacher, s_layer, t_layer, shape, cfg.hint_weight)
+
+
+def choose_subset(
+    cfg: RunConfig, bundle: DataBundle, teacher: nn.Module | None, device: torch.device
+) -> np.ndarray | None:
+    """Training indices selected by cfg.subset (None: the whole split)."""
+    sub = cfg.subset
+    if sub.method == "full" and sub.fraction >= 1.0:
+        return None
+    from distillkit.data.subset import select_fraction
+
+    labels = bundle.train.labels.numpy()
+    if sub.method == "kt" and sub.features == "teacher":
+        assert teacher is not None
+        feats = []
+        model = teacher.model
+        for start in range(0, len(bundle.train), 512):
+            x = bundle.train.images[start : start + 512].to(device)
+            x = normalize(to_float(x), bundle.mean, bundle.std)
+            with torch.no_grad():
+                feats.append(penultimate_features(model, x).float().cpu())
+        features = torch.cat(feats).numpy().astype(np.float64)
+    else:
+        features = (
+            bundle.train.images.reshape(len(bundle.train), -1).numpy().astype(np.float64) / 255.0
+        )
+    method = "random" if sub.method == "full" else sub.method
+    return select_fraction(
+        features, sub.fraction, labels=labels, method=method, per_class=sub.per_class, seed=cfg.seed
+    )
+
+
+def prepare(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> Prepared:
+    """Build everything for a run; with resume_state, reuse its subset instead of re-selecting."""
+    probe_ctx_rank = DistContext()
+    device = resolve_device(cfg.device, probe_ctx_rank.local_rank)
+    ctx = init_distributed(device)
+    if ctx.enabled and cfg.device == "auto" and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size)
+    run_dir = cfg.run_dir()
+    teacher = load_teacher(cfg, bundle).to(device) if cfg.teacher else None
+    # the student is built after seeding so every rank (and every rerun) starts from the same weights
+    torch.manual_seed(cfg.seed)
+    student = build_model(
+        cfg.model,
+        in_channels=bundle.in_channels,
+        num_classes=bundle.num_classes,
+        image_size=bundle.image_size,
+        **cfg.model_kwargs,
+    )
+    if teacher is not None and cfg.teacher_cache and cfg.method == "kd":
+        if cfg.augment:
+            raise ConfigError(
+                "teacher_cache needs augment=false: cached outputs are keyed by sample"
+            )
+        cache_path = run_dir / "teacher_cache" / f"{bundle.name}_train_rank{ctx.rank}.pt"
+        teacher = CachedTeacher(teacher, len(bundle.train), cache_path)
+    distiller = build_distiller(cfg, student, teacher, bundle)
+    if resume_state is not None:
+        indices = resume_state.get("train_indices")
+    else:
+        base_teacher = teacher.teacher if isinstance(teacher, CachedTeacher) else teacher
+        indices = choose_subset(cfg, bundle, base_teacher, device)
+    meta = {
+        "name": cfg.model,
+        "kwargs": dict(cfg.model_kwargs),
+        "in_channels": bundle.in_channels,
+        "num_classes": bundle.num_classes,
+        "image_size": bundle.image_size,
+        "dataset": bundle.name,
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+        "classes": list(bundle.classes),
+    }
+    return Prepared(cfg, bundle, distiller, device, ctx, run_dir, indices, meta)
+
+
+def _write_run_files(p: Prepared) -> None:
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(p.cfg, p.run_dir / "config.yaml")
+    if p.train_indices is not None:
+        np.save(p.run_dir / "subset_indices.npy", np.asarray(p.train_indices, dtype=np.int64))
+
+
+def _execute(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]:
+    trainer = Trainer(
+        p.cfg, p.distiller, p.bundle, p.device, p.run_dir, p.ctx, p.train_indices, p.model_meta
+    )
+    try:
+        if resume_state is not None:
+            trainer.load_state(resume_state)
+        summary = trainer.fit()
+        teacher = p.distiller.teacher
+        if isinstance(teacher, CachedTeacher):
+            teacher.save()
+        return summary
+    finally:
+        trainer.close()
+        del trainer
+        shutdown_distributed(p.ctx)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train a fresh run from its config; refuses to overwrite a run directory that has checkpoints."""
+    ckpt = cfg.run_dir() / "checkpoints" / "last.pt"
+    if ckpt.exists():
+        raise FileExistsError(
+            f"run directory {cfg.run_dir()} already holds a checkpoint; use `distillkit resume "
+            f"{cfg.run_dir()}` to continue it or choose another name/out_dir"
+        )
+    p = prepare(cfg)
+    if p.ctx.is_main:
+        _write_run_files(p)
+    barrier(p.ctx)
+    return _execute(p, None)
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Continue a run exactly where its last checkpoint left it (optionally with more epochs)."""
+    run_dir = Path(run_dir)
+    state = load_checkpoint(resolve_checkpoint(run_dir, which="last"))
+    data = dict(state["config"])
+    data["out_dir"] = str(run_dir)
+    data.update(overrides or {})
+    cfg = config_from_dict(data)
+    p = prepare(cfg, resume_state=state)
+    if p.ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    return _execute(p, state)
+
+
+def evaluate_checkpoint(
+    path: str | Path, data_dir: str | None = None, device: str = "auto"
+) -> dict[str, Any]:
+    """Accuracy and loss of a saved model on its dataset's test split."""
+    from distillkit.engine.trainer import evaluate
+
+    model, state = model_from_checkpoint(path, which="best")
+    meta = state["model_meta"]
+    dev = resolve_device(device)
+    cfg_data_dir = data_dir or state["config"].get("data_dir")
+    bundle = load_dataset(meta["dataset"], data_dir=cfg_data_dir, image_size=meta["image_size"])
+    result = evaluate(model.to(dev), bundle.test, bundle, dev)
+    return {
+        "checkpoint": str(resolve_checkpoint(path, which="best")),
+        "model": meta["name"],
+        "dataset": meta["dataset"],
+        "epoch": state["epoch"],
+        "test_acc": result["acc"],
+        "test_loss": result["loss"],
+    }
+
+
+def format_json(obj: dict[str, Any]) -> str:
+    """Pretty JSON for the console."""
+    return json.dumps(obj, indent=2, default=str)
