@@ -128,11 +128,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_thin(args: argparse.Namespace) -> int:
-    """thin: kernel thinning of a point set."""
-    from distillkit.thinning.command import main as thin_main
+def cmd_methods(args: argparse.Namespace) -> int:
+    """methods: list the registered methods."""
+    from distillkit.methods import get_method, list_methods
 
-    return thin_main(args)
+    for name in list_methods():
+        spec = get_method(name)
+        teacher = "teacher" if spec.needs_teacher else "no teacher"
+        print(f"{name:<12} {teacher:<11} {spec.description}")
+    return 0
+
+
+def _register_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands contributed by the modules of distillkit.commands."""
+    import importlib
+    import pkgutil
+
+    import distillkit.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"distillkit.commands.{info.name}")
+        module.register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,14 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default="test_acc")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("thin", help="kernel thinning: pick a coreset of a point set")
-    try:
-        from distillkit.thinning.command import add_arguments
-    except ImportError:  # thinning CLI not built yet
-        add_arguments = None
-    if add_arguments is not None:
-        add_arguments(p)
-    p.set_defaults(func=cmd_thin)
+    p = sub.add_parser("methods", help="list the distillation methods")
+    p.set_defaults(func=cmd_methods)
+
+    _register_commands(sub)
     return parser
 
 

@@ -32,7 +32,8 @@ class RunConfig:
     """Everything a training or distillation run needs; flat keys except `subset`."""
 
     name: str = "run"
-    method: str = "ce"  # ce | kd | fitnet
+    method: str = "ce"  # any registered method: distillkit methods
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific, checked by the method
     # data
     dataset: str = "digits"
     data_dir: str | None = None
@@ -86,7 +87,6 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("ce", "kd", "fitnet"),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "amp": ("none", "bf16", "fp16"),
@@ -182,12 +182,50 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"config key 'subset.fraction': must be in (0, 1], got {cfg.subset.fraction!r}"
         )
-    if cfg.method in ("kd", "fitnet") and not cfg.teacher:
+    from distillkit.data.datasets import list_datasets
+    from distillkit.methods.registry import get_method
+    from distillkit.models import list_models
+
+    if cfg.model not in list_models():
+        close = difflib.get_close_matches(cfg.model, list_models(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"config key 'model': unknown model {cfg.model!r}{hint}; see `distillkit models`"
+        )
+    if cfg.dataset not in list_datasets():
+        raise ConfigError(
+            f"config key 'dataset': unknown dataset {cfg.dataset!r}; choose from {', '.join(list_datasets())}"
+        )
+    try:
+        spec = get_method(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'method': {exc}") from None
+    resolve_options(cfg)
+    if spec.needs_teacher and not cfg.teacher:
         raise ConfigError(
             f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT"
         )
     if cfg.subset.features == "teacher" and cfg.subset.method == "kt" and not cfg.teacher:
         raise ConfigError("config key 'subset.features': 'teacher' needs a teacher")
+
+
+def resolve_options(cfg: RunConfig) -> Any:
+    """The method's typed options from cfg.options (None for methods without options)."""
+    from distillkit.methods.registry import get_method
+
+    spec = get_method(cfg.method)
+    if spec.options_cls is None:
+        if cfg.options:
+            raise ConfigError(f"method '{cfg.method}' takes no options, got {sorted(cfg.options)}")
+        return None
+    opts = _build(spec.options_cls, cfg.options, prefix="options.")
+    check = getattr(opts, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return opts
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -214,7 +252,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "model_kwargs":
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value

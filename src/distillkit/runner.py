@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distillkit.config import ConfigError, RunConfig, config_from_dict, save_config
+from distillkit.config import ConfigError, RunConfig, config_from_dict, resolve_options, save_config
 from distillkit.data.datasets import DataBundle, load_dataset
 from distillkit.data.transforms import normalize, to_float
 from distillkit.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
@@ -22,7 +22,7 @@ from distillkit.engine.distributed import (
     shutdown_distributed,
 )
 from distillkit.engine.trainer import Trainer, resolve_device, seed_everything
-from distillkit.methods import KD, CrossEntropy, Distiller, FitNet
+from distillkit.methods import Distiller, get_method
 from distillkit.models import build_model, penultimate_features
 from distillkit.teachers import CachedTeacher, LocalTeacher
 
@@ -57,22 +57,10 @@ def load_teacher(cfg: RunConfig, bundle: DataBundle) -> LocalTeacher:
 def build_distiller(
     cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, bundle: DataBundle
 ) -> Distiller:
-    """The method object named by cfg.method."""
-    if cfg.method == "ce":
-        return CrossEntropy(student)
-    assert teacher is not None
-    if cfg.method == "kd":
-        return KD(student, teacher, cfg.temperature, cfg.alpha, num_classes=bundle.num_classes)
-    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
-    s_layers = getattr(student, "hook_layers", [])
-    t_layers = getattr(teacher.model, "hook_layers", [])
-    s_layer = cfg.hint_layer or (s_layers[len(s_layers) // 2] if s_layers else None)
-    t_layer = cfg.teacher_hint_layer or (t_layers[len(t_layers) // 2] if t_layers else None)
-    if s_layer is None or t_layer is None:
-        raise ConfigError(
-            "fitnet needs hint_layer and teacher_hint_layer for models without hook_layers"
-        )
-    return FitNet(student, teacher, s_layer, t_layer, shape, cfg.hint_weight)
+    """The method object named by cfg.method, built by its registered builder."""
+    spec = get_method(cfg.method)
+    options = resolve_options(cfg)
+    return spec.build(cfg, options, student, teacher, bundle)
 
 
 def choose_subset(

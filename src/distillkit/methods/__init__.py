@@ -1,11 +1,19 @@
-"""Distillation methods, one file each, all behind the Distiller contract."""
+"""Distillation methods, one file each, all behind the Distiller contract and the registry."""
 
 from distillkit.methods.base import Distiller
 from distillkit.methods.ce import CrossEntropy
 from distillkit.methods.fitnet import FitNet
 from distillkit.methods.kd import KD
 from distillkit.methods.losses import kd_kl
+from distillkit.methods.registry import get_method, list_methods, register_method
 
-METHODS = ("ce", "kd", "fitnet")
-
-__all__ = ["KD", "METHODS", "CrossEntropy", "Distiller", "FitNet", "kd_kl"]
+__all__ = [
+    "KD",
+    "CrossEntropy",
+    "Distiller",
+    "FitNet",
+    "get_method",
+    "kd_kl",
+    "list_methods",
+    "register_method",
+]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.methods.base import Batch, Distiller
+from distillkit.methods.registry import register_method
 
 
 class CrossEntropy(Distiller):
@@ -20,3 +21,11 @@ class CrossEntropy(Distiller):
         x, y, _ = batch
         logits = self.student(x)
         return logits, {"ce": F.cross_entropy(logits, y)}
+
+
+@register_method(
+    "ce", needs_teacher=False, description="cross-entropy on labels (teachers, baselines)"
+)
+def build(cfg, options, student, teacher, bundle) -> CrossEntropy:
+    """Registry builder."""
+    return CrossEntropy(student)

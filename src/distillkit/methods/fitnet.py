@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.methods.base import Batch, Distiller
+from distillkit.methods.registry import register_method
 from distillkit.models.hooks import FeatureHooks, feature_shapes
 
 
@@ -65,3 +66,18 @@ class FitNet(Distiller):
             "hint": self.hint_weight * F.mse_loss(s_feat.float(), t_feat.float()),
         }
         return logits, losses
+
+
+@register_method("fitnet", description="FitNets hint regression on hooked features + CE")
+def build(cfg, options, student, teacher, bundle) -> FitNet:
+    """Registry builder; layers default to the middle entry of each model's hook_layers."""
+    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    s_layers = getattr(student, "hook_layers", [])
+    t_layers = getattr(teacher.model, "hook_layers", [])
+    s_layer = cfg.hint_layer or (s_layers[len(s_layers) // 2] if s_layers else None)
+    t_layer = cfg.teacher_hint_layer or (t_layers[len(t_layers) // 2] if t_layers else None)
+    if s_layer is None or t_layer is None:
+        raise ValueError(
+            "fitnet needs hint_layer and teacher_hint_layer for models without hook_layers"
+        )
+    return FitNet(student, teacher, s_layer, t_layer, shape, cfg.hint_weight)

@@ -8,6 +8,7 @@ from torch import nn
 
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import kd_kl
+from distillkit.methods.registry import register_method
 
 
 class KD(Distiller):
@@ -45,3 +46,9 @@ class KD(Distiller):
             "kd": (1.0 - self.alpha) * kd_kl(logits, t_log_probs, self.temperature),
         }
         return logits, losses
+
+
+@register_method("kd", description="Hinton KD: alpha*CE + (1-alpha)*T^2*KL")
+def build(cfg, options, student, teacher, bundle) -> KD:
+    """Registry builder: temperature and alpha come from the top-level config keys."""
+    return KD(student, teacher, cfg.temperature, cfg.alpha, num_classes=bundle.num_classes)
