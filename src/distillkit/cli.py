@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,7 +59,7 @@ def cmd_train(args: argparse.Namespace, default_method: str | None = None) -> in
             "`distillkit distill` needs a distillation method (kd, fitnet); use `train` for ce"
         )
     summary = run(cfg)
-    if not cfg.quiet:
+    if not cfg.quiet and os.environ.get("RANK", "0") == "0":
         print(format_json(summary))
     return 0
 
@@ -212,7 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distillkit.engine.checkpoint import CheckpointError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after flags (`train cfg.yaml --quiet lr=0.1`), which plain
+    # argparse would reject once the positional list has been consumed
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:

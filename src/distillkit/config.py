@@ -48,7 +48,8 @@ class RunConfig:
     teacher_cache: bool = False
     # optimisation
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 128  # global batch: split over processes under torchrun
+    drop_last: bool = False
     eval_batch_size: int = 512
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.05

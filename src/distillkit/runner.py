@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,9 +163,12 @@ def _execute(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]
             teacher.save()
         return summary
     finally:
+        # order matters with gloo: barrier and destroy the group first, then drop the DDP wrapper
+        # and collect it, or the process can abort at interpreter exit
+        shutdown_distributed(p.ctx)
         trainer.close()
         del trainer
-        shutdown_distributed(p.ctx)
+        gc.collect()
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -195,6 +195,7 @@ class Trainer:
             augment=cfg.augment,
             flip=bundle.hflip,
             seed=cfg.seed,
+            drop_last=cfg.drop_last,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
             indices=None if train_indices is None else [int(i) for i in train_indices],
@@ -277,6 +278,10 @@ class Trainer:
         """One pass over this rank's shard; returns loss terms and accuracy summed over ranks."""
         self.distiller.train()
         self.loader.set_epoch(self.epoch)
+        # schedule-driven methods (StableKD stages, MEKD phases) read the epoch here
+        hook = getattr(self.distiller, "on_epoch_start", None)
+        if hook is not None:
+            hook(self.epoch)
         show = self.ctx.is_main and not self.cfg.quiet and sys.stderr.isatty()
         bar = _progress(len(self.loader), f"epoch {self.epoch + 1}/{self.cfg.epochs}", show)
         amp = (
