@@ -29,6 +29,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared run dirs from others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

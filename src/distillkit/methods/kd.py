@@ -9,6 +9,7 @@ from torch import nn
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import kd_kl
 from distillkit.methods.registry import register_method
+from distillkit.teachers.base import TeacherOutput
 
 
 class KD(Distiller):
@@ -27,23 +28,29 @@ class KD(Distiller):
         self.alpha = alpha
         self.num_classes = num_classes
 
-    def teacher_log_probs(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        """Ask the teacher (by sample index where it caches) and return log-probabilities."""
-        if idx is not None and hasattr(self.teacher, "values"):
-            out = self.teacher(x, idx)
-        else:
-            out = self.teacher(x)
-        return out.log_probs(self.num_classes)
+    def query_teacher(self, x: torch.Tensor, idx: torch.Tensor | None) -> TeacherOutput:
+        """Ask the teacher, by sample index where it caches."""
+        if idx is not None and getattr(self.teacher, "accepts_indices", False):
+            return self.teacher(x, idx)
+        return self.teacher(x)
+
+    def kd_term(self, logits: torch.Tensor, out: TeacherOutput) -> torch.Tensor:
+        """T^2 * KL to the teacher; for hard labels the target is exactly one-hot at any T."""
+        t = self.temperature
+        if out.labels is not None:
+            # KL(one-hot || p_s^T) is the cross-entropy of the tempered student at the label
+            return (t * t) * F.cross_entropy(logits.float() / t, out.labels.long())
+        return kd_kl(logits, out.log_probs(self.num_classes), t)
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE on labels plus the tempered KL to the teacher."""
         x, y, idx = batch
         with torch.no_grad():
-            t_log_probs = self.teacher_log_probs(x, idx)
+            out = self.query_teacher(x, idx)
         logits = self.student(x)
         losses = {
             "ce": self.alpha * F.cross_entropy(logits, y),
-            "kd": (1.0 - self.alpha) * kd_kl(logits, t_log_probs, self.temperature),
+            "kd": (1.0 - self.alpha) * self.kd_term(logits, out),
         }
         return logits, losses
 

@@ -18,6 +18,8 @@ class CachedTeacher(nn.Module):
     sample's index in its split, not by pixel content.
     """
 
+    accepts_indices = True  # callers pass the batch's sample indices as a second argument
+
     def __init__(self, teacher: nn.Module, num_samples: int, path: str | Path | None = None):
         super().__init__()
         self.teacher = teacher
@@ -30,6 +32,7 @@ class CachedTeacher(nn.Module):
         self.field = None
         if self.path is not None and self.path.is_file():
             self._load()
+        self.train(False)
 
     @property
     def queries(self) -> int:

@@ -18,9 +18,9 @@ class LocalTeacher(nn.Module):
         self.model = model
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.eval()
         self.queries = 0
         self.budget: int | None = None
+        self.train(False)
 
     def train(self, mode: bool = True) -> LocalTeacher:
         """Stay in eval mode whatever the caller asks: BN statistics must not drift."""
@@ -47,6 +47,7 @@ class BlackBoxTeacher(nn.Module):
         self.kind = kind
         self.budget = budget
         self.queries = 0
+        self.train(False)
 
     def train(self, mode: bool = True) -> BlackBoxTeacher:
         """Stay in eval mode."""

@@ -1,0 +1,294 @@
+"""Typed run configs: YAML files, key=value overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from distillkit.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    resolve_options,
+    save_config,
+)
+from distillkit.methods import registry
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.y*ml"))
+
+
+def _yaml(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg == RunConfig()
+    assert cfg.method == "ce" and cfg.subset.method == "full"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = _yaml(
+        tmp_path,
+        "name: exp\nmodel: mlp\nepochs: 5\nlr: 0.1\nsubset:\n  fraction: 0.5\n  per_class: false\n",
+    )
+    cfg = load_config(
+        path,
+        [
+            "epochs=7",
+            "lr=1",  # an integer where a float is expected: coerced
+            "subset.method=kt",
+            "augment=false",
+            "milestones=[3, 6]",
+            "grad_clip=2",
+            "data_dir=null",
+            "model_kwargs={hidden: [8]}",
+        ],
+    )
+    assert cfg.name == "exp" and cfg.model == "mlp"
+    assert cfg.epochs == 7 and isinstance(cfg.epochs, int)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.subset.method == "kt"
+    assert cfg.subset.fraction == 0.5  # nested override merged, not replacing the mapping
+    assert cfg.subset.per_class is False
+    assert cfg.augment is False
+    assert cfg.milestones == [3, 6]
+    assert cfg.grad_clip == 2.0 and isinstance(cfg.grad_clip, float)
+    assert cfg.data_dir is None
+    assert cfg.model_kwargs == {"hidden": [8]}
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    assert load_config(_yaml(tmp_path, "# nothing\n")) == RunConfig()
+
+
+def test_save_config_roundtrip(tmp_path):
+    cfg = load_config(None, ["model=mlp", "subset.method=random", "subset.fraction=0.25"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_parse_overrides_nested_and_typed():
+    out = parse_overrides(["a=1", "b=x", "c.d=0.5", "c.e=true", "f="])
+    assert out == {"a": 1, "b": "x", "c": {"d": 0.5, "e": True}, "f": None}
+
+
+def test_override_value_with_equals_sign():
+    assert parse_overrides(["name=a=b"]) == {"name": "a=b"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path, tmp_path):
+    cfg = load_config(path, [f"teacher={tmp_path / 'teacher_run'}"])
+    assert cfg.name == path.stem
+    assert cfg.epochs > 0
+
+
+def test_configs_folder_is_not_empty():
+    assert len(CONFIGS) >= 3
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "override,key,suggestion",
+    [
+        ("epoch=3", "epoch", "epochs"),
+        ("learning_rat=0.1", "learning_rat", None),
+        ("subset.fractoin=0.5", "subset.fractoin", "subset.fraction"),
+        ("temprature=2", "temprature", "temperature"),
+    ],
+)
+def test_unknown_key_names_it(override, key, suggestion):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'") as info:
+        load_config(None, [override])
+    if suggestion:
+        assert f"did you mean '{suggestion}'" in str(info.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="'batchsize'.*did you mean 'batch_size'"):
+        load_config(_yaml(tmp_path, "batchsize: 32\n"))
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("epochs=abc", "epochs"),
+        ("epochs=2.5", "epochs"),
+        ("epochs=true", "epochs"),
+        ("lr=fast", "lr"),
+        ("augment=1", "augment"),
+        ("name=3", "name"),
+        ("milestones=5", "milestones"),
+        ("milestones=[1, x]", r"milestones\[1\]"),
+        ("subset=kt", "subset"),
+        ("subset.fraction=half", "subset.fraction"),
+        ("grad_clip=big", "grad_clip"),
+        ("options=[1]", "options"),
+    ],
+)
+def test_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optimizer=adam", "optimizer"),
+        ("schedule=linear", "schedule"),
+        ("amp=fp8", "amp"),
+        ("subset.method=herding", "subset.method"),
+        ("epochs=0", "epochs"),
+        ("lr=-0.1", "lr"),
+        ("batch_size=0", "batch_size"),
+        ("temperature=0", "temperature"),
+        ("subset.fraction=0", "subset.fraction"),
+        ("subset.fraction=1.5", "subset.fraction"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config(None, [override])
+
+
+def test_unknown_model_names_it():
+    with pytest.raises(ConfigError, match="'resnet2000'") as info:
+        load_config(None, ["model=resnet2000"])
+    assert "model" in str(info.value)
+
+
+def test_unknown_model_suggests_close_name():
+    with pytest.raises(ConfigError, match="did you mean 'cnn_small'"):
+        load_config(None, ["model=cnn_smal"])
+
+
+def test_unknown_dataset_names_it():
+    with pytest.raises(ConfigError, match="unknown dataset 'mnist3d'") as info:
+        load_config(None, ["dataset=mnist3d"])
+    assert "digits" in str(info.value)  # lists the valid ones
+
+
+def test_unknown_method_names_it():
+    with pytest.raises(ConfigError, match="unknown method 'dkd2'") as info:
+        load_config(None, ["method=dkd2"])
+    assert "kd" in str(info.value) and "ce" in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["kd", "fitnet"])
+def test_method_without_teacher(method):
+    with pytest.raises(ConfigError, match=f"method '{method}' needs a teacher"):
+        load_config(None, [f"method={method}"])
+    assert load_config(None, [f"method={method}", "teacher=runs/t"]).teacher == "runs/t"
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.01, 2])
+def test_alpha_out_of_range(alpha):
+    with pytest.raises(ConfigError, match="'alpha'"):
+        load_config(None, [f"alpha={alpha}"])
+
+
+@pytest.mark.parametrize("alpha", [0, 0.0, 0.5, 1])
+def test_alpha_in_range(alpha):
+    assert load_config(None, [f"alpha={alpha}"]).alpha == float(alpha)
+
+
+def test_subset_teacher_features_need_teacher():
+    with pytest.raises(ConfigError, match="subset.features"):
+        load_config(None, ["subset.method=kt", "subset.features=teacher"])
+
+
+@pytest.mark.parametrize("method", ["ce", "kd"])
+def test_options_rejected_for_methods_without_options(method):
+    with pytest.raises(ConfigError, match=f"method '{method}' takes no options.*'beta'"):
+        load_config(None, [f"method={method}", "teacher=runs/t", "options.beta=2"])
+
+
+@dataclass
+class _Opts:
+    beta: float = 1.0
+    steps: int = 3
+
+    def validate(self) -> None:
+        if self.beta < 0:
+            raise ValueError("options.beta must be >= 0")
+
+
+@pytest.fixture
+def method_with_options(monkeypatch):
+    registry.list_methods()  # load the built-in methods first
+    spec = registry.MethodSpec(
+        "_optdemo", lambda *a: None, options_cls=_Opts, needs_teacher=False, description="test"
+    )
+    monkeypatch.setitem(registry._REGISTRY, "_optdemo", spec)
+    return "_optdemo"
+
+
+def test_options_typed_for_methods_with_options(method_with_options):
+    cfg = load_config(None, [f"method={method_with_options}", "options.beta=2", "options.steps=4"])
+    opts = resolve_options(cfg)
+    assert isinstance(opts, _Opts)
+    assert opts.beta == 2.0 and isinstance(opts.beta, float) and opts.steps == 4
+    assert resolve_options(load_config(None, ["method=ce"])) is None
+
+
+def test_options_errors_name_the_key(method_with_options):
+    m = method_with_options
+    with pytest.raises(ConfigError, match="unknown config key 'options.beat'.*'options.beta'"):
+        load_config(None, [f"method={m}", "options.beat=2"])
+    with pytest.raises(ConfigError, match="config key 'options.steps'"):
+        load_config(None, [f"method={m}", "options.steps=many"])
+    with pytest.raises(ConfigError, match="options.beta must be >= 0"):
+        load_config(None, [f"method={m}", "options.beta=-1"])
+
+
+@pytest.mark.parametrize("item", ["epochs", "lr0.1", ""])
+def test_override_without_equals(item):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, [item])
+
+
+def test_override_with_empty_key():
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_overrides(["=3"])
+
+
+def test_config_file_not_found(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        load_config(missing)
+    assert str(missing) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["a: [1, 2\n", "name: exp\n  bad indent: 1\n", "key: {x\n"])
+def test_invalid_yaml(tmp_path, text):
+    path = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "3\n"])
+def test_yaml_not_a_mapping(tmp_path, text):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_yaml(tmp_path, text))
+
+
+def test_config_from_dict_rejects_non_mapping():
+    with pytest.raises(ConfigError, match="mapping"):
+        config_from_dict(["epochs", 3])  # type: ignore[arg-type]
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
