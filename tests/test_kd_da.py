@@ -1,0 +1,140 @@
+"""KD + data augmentation: the loss against a direct formula, options, teacher reuse, BN safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distillkit.config import ConfigError, RunConfig, config_from_dict, resolve_options
+from distillkit.data.augment import CutMixPick, build_augmentation, mixup_batch, student_scorer
+from distillkit.data.datasets import DataBundle, Split
+from distillkit.methods import get_method
+from distillkit.methods.kd_da import KDDA, KDDAOptions
+from distillkit.teachers import LocalTeacher
+
+C = 5
+
+
+def _linear(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, C))
+
+
+def _direct_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, t: float) -> torch.Tensor:
+    p_t = torch.softmax(t_logits.double() / t, 1)
+    p_s = torch.softmax(s_logits.double() / t, 1)
+    return t * t * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+
+
+def _direct_ce(s_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(s_logits.double(), 1)
+    return -p[torch.arange(len(y)), y].log().mean()
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    # the method computes in float32; the direct formulas in float64
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _batch(b: int = 12):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 1, 4, 4, generator=g)
+    y = torch.randint(0, C, (b,), generator=g)
+    return x, y, torch.arange(b)
+
+
+def test_loss_matches_direct_formula_with_mixup():
+    student, teacher_model = _linear(1), _linear(2)
+    t, w_ce, w_kd = 3.0, 0.2, 0.7
+    dist = KDDA(
+        student,
+        LocalTeacher(teacher_model),
+        build_augmentation("mixup", alpha=1.0),
+        w_ce=w_ce,
+        w_kd=w_kd,
+        temperature=t,
+    )
+    x, y, idx = _batch()
+    torch.manual_seed(123)
+    logits, losses = dist.training_step((x, y, idx))
+    torch.manual_seed(123)  # the mixup draws come from the global RNG
+    x_aug = mixup_batch(x, 1.0).x
+    with torch.no_grad():
+        s, s_aug = student(x), student(x_aug)
+        tl, tl_aug = teacher_model(x), teacher_model(x_aug)
+    torch.testing.assert_close(logits.detach(), s)
+    _close(losses["ce"], w_ce * _direct_ce(s, y))
+    _close(losses["kd"], w_kd * _direct_kl(s, tl, t))
+    _close(losses["kd_aug"], w_kd * _direct_kl(s_aug, tl_aug, t))
+    total = sum(losses.values())
+    total.backward()
+    assert student[1].weight.grad is not None and teacher_model[1].weight.grad is None
+
+
+def test_cutmixpick_reuses_teacher_outputs_and_matches_formula():
+    student, teacher_model = _linear(3), _linear(4)
+    teacher = LocalTeacher(teacher_model)
+    dist = KDDA(student, teacher, CutMixPick(mix_n_run=2), temperature=4.0)
+    x, y, idx = _batch(8)
+    torch.manual_seed(7)
+    _, losses = dist.training_step((x, y, idx))
+    # x (8), the pool of 16; the picked 8 are not asked again
+    assert teacher.queries == 8 + 16
+    torch.manual_seed(7)
+
+    def t_fn(z):
+        return torch.log_softmax(teacher_model(z), 1)
+
+    picked = CutMixPick(mix_n_run=2).pick(x, teacher=t_fn)
+    with torch.no_grad():
+        expected = 0.9 * _direct_kl(student(picked.x), teacher_model(picked.x), 4.0)
+    _close(losses["kd_aug"], expected)
+
+
+def test_identity_doubles_the_kd_term():
+    dist = KDDA(_linear(5), LocalTeacher(_linear(6)), build_augmentation("identity"))
+    _, losses = dist.training_step(_batch())
+    torch.testing.assert_close(losses["kd_aug"], losses["kd"])
+
+
+def test_student_scorer_leaves_batchnorm_statistics_alone():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, C))
+    student.train()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    student_scorer(student)(torch.randn(10, 1, 4, 4))
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def _bundle() -> DataBundle:
+    s = Split(torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.arange(4) % C)
+    return DataBundle("toy", s, s, C, 1, 4, (0.5,), (0.25,), [str(i) for i in range(C)])
+
+
+def test_options_defaults_builder_and_validation():
+    opts = KDDAOptions()
+    assert (opts.w_ce, opts.w_kd, opts.temperature) == (0.1, 0.9, None)
+    spec = get_method("kd_da")
+    assert spec.options_cls is KDDAOptions and spec.needs_teacher
+    cfg = RunConfig(
+        method="kd_da", temperature=2.0, options={"augmentation": "cutout", "params": {"length": 2}}
+    )
+    dist = spec.build(cfg, resolve_options(cfg), _linear(0), LocalTeacher(_linear(1)), _bundle())
+    assert dist.temperature == 2.0 and dist.augmentation.length == 2
+    assert dist.mean == (0.5,) and dist.std == (0.25,)
+    cfg.options["temperature"] = 6.0
+    dist = spec.build(cfg, resolve_options(cfg), _linear(0), LocalTeacher(_linear(1)), _bundle())
+    assert dist.temperature == 6.0
+
+    base = {"method": "kd_da", "teacher": "runs/t", "model": "mlp"}
+    with pytest.raises(ConfigError, match="'bogus'"):
+        config_from_dict({**base, "options": {"augmentation": "bogus"}})
+    with pytest.raises(ConfigError, match="'size'"):
+        config_from_dict({**base, "options": {"augmentation": "cutout", "params": {"size": 3}}})
+    with pytest.raises(ConfigError, match="w_ce"):
+        config_from_dict({**base, "options": {"w_ce": -0.5}})
+    with pytest.raises(ConfigError, match="options.augmenation"):
+        config_from_dict({**base, "options": {"augmenation": "cutmix"}})
+    ok = config_from_dict({**base, "options": {"augmentation": "mixup", "params": {"alpha": 0.4}}})
+    assert resolve_options(ok).params == {"alpha": 0.4}
