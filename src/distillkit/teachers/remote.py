@@ -95,7 +95,9 @@ class RemoteTeacher:
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
-        self.input_mean = None if input_mean is None else torch.tensor(input_mean, dtype=torch.float32)
+        self.input_mean = (
+            None if input_mean is None else torch.tensor(input_mean, dtype=torch.float32)
+        )
         self.input_std = None if input_std is None else torch.tensor(input_std, dtype=torch.float32)
         self.budget = budget  # client-side cap on images sent; the server enforces its own
         self.queries = 0  # images the server answered (cache hits excluded)
@@ -189,7 +191,9 @@ class RemoteTeacher:
                 f"teacher server budget exhausted: {err.get('remaining')} images remain "
                 f"({err.get('message')})"
             )
-        return RemoteTeacherError(f"teacher server said {status} {err.get('code')}: {err.get('message')}")
+        return RemoteTeacherError(
+            f"teacher server said {status} {err.get('code')}: {err.get('message')}"
+        )
 
     def info(self) -> dict[str, Any]:
         """The server's /v1/info for this key (input shape, classes, responses, remaining)."""

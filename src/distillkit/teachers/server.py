@@ -92,7 +92,9 @@ class TeacherService:
         self.meta = meta
         self.num_classes = int(meta["num_classes"])
         if self.k is not None and self.k > self.num_classes:
-            raise ValueError(f"topk:{self.k} asks for more classes than the model has ({self.num_classes})")
+            raise ValueError(
+                f"topk:{self.k} asks for more classes than the model has ({self.num_classes})"
+            )
         size = int(meta["image_size"])
         self.input_shape = (int(meta["in_channels"]), size, size)
         self.classes = [str(c) for c in meta.get("classes", range(self.num_classes))]
@@ -110,7 +112,9 @@ class TeacherService:
         """Float32 images in [0, 1] from a decoded array, or ApiError naming what is wrong."""
         if arr.dtype not in (np.float32, np.uint8):
             raise ApiError(
-                422, "bad_dtype", f"images must be float32 in [0, 1] or uint8, got dtype {arr.dtype}"
+                422,
+                "bad_dtype",
+                f"images must be float32 in [0, 1] or uint8, got dtype {arr.dtype}",
             )
         want = self.input_shape
         if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
@@ -178,7 +182,9 @@ def decode_images(body: bytes, content_type: str) -> np.ndarray:
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+            raise ApiError(
+                400, "malformed_json", f"request body is not valid JSON: {exc}"
+            ) from None
         if not isinstance(data, dict) or "images" not in data:
             raise ApiError(422, "missing_images", 'JSON body must be an object with key "images"')
         try:
@@ -251,7 +257,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app):
-        log.info("teacher server up: responses=%s max_batch=%d", service.responses, settings.max_batch)
+        log.info(
+            "teacher server up: responses=%s max_batch=%d", service.responses, settings.max_batch
+        )
         yield
         budgets.close()
         log.info("teacher server stopped; budget database closed")
@@ -465,11 +473,15 @@ def serve(
     service = load_service(target, responses, device)
     keys = KeyStore.load(keys_file)
     if not keys.records:
-        raise ValueError(f"keys file {keys_file} holds no keys; add one with `distillkit teacher-keys add`")
+        raise ValueError(
+            f"keys file {keys_file} holds no keys; add one with `distillkit teacher-keys add`"
+        )
     budgets = BudgetStore(state)
     settings = ServerSettings(max_batch, max_body_bytes, budget)
     app = create_app(service, keys, budgets, settings)
     sock = bind_socket(host, port)
     log.info("serving %s on http://%s:%d", target, *sock.getsockname()[:2])
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=10
+    )
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,303 @@
+"""MEKD and the black-box baselines: loss definitions, optimizer ownership, budgets, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillkit.cli import main
+from distillkit.data.datasets import load_dataset
+from distillkit.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from distillkit.methods.blackbox import BlackBoxOptions, BudgetedDistiller, select_queries
+from distillkit.methods.mekd import (
+    MEKD,
+    Discriminator,
+    Generator,
+    MEKDOptions,
+    distill_loss,
+    im_term,
+    im_weights,
+    teacher_vector,
+)
+from distillkit.models import build_model
+from distillkit.runner import resume
+from distillkit.teachers import BlackBoxTeacher, BudgetExceededError, TeacherOutput
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A small but useful digits teacher (about 95% test accuracy), trained once."""
+    out = tmp_path_factory.mktemp("mekd") / "teacher"
+    args = ["train", "model=mlp", "epochs=3", "batch_size=32", "lr=0.1", "augment=false"]
+    assert main([*args, f"out_dir={out}", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_dataset("digits")
+
+
+def metrics(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+def test_im_weight_is_the_top_probability_not_the_class_index():
+    probs = torch.tensor(
+        [[0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.7], [0.6, 0.4] + [0.0] * 8]
+    )
+    w = im_weights(TeacherOutput(probs=probs))
+    torch.testing.assert_close(w, torch.tensor([0.7, 0.6]))
+    d = torch.tensor([0.3, -1.2])
+    expected = -(0.7 * F.logsigmoid(d[0]) + 0.6 * F.logsigmoid(d[1])) / 2
+    torch.testing.assert_close(im_term(d, w), expected)
+    # the public code's bug would weight the first image by its argmax class, 9
+    bug = -(9 * F.logsigmoid(d[0]) + 0 * F.logsigmoid(d[1])) / 2
+    assert not torch.isclose(im_term(d, w), bug)
+    # hard labels carry no confidence: weight 1
+    torch.testing.assert_close(
+        im_weights(TeacherOutput(labels=torch.tensor([9, 0]))), torch.ones(2)
+    )
+
+
+def test_soft_answers_enter_the_generator_as_log_probabilities():
+    probs = torch.tensor([[0.7, 0.2, 0.1]])
+    torch.testing.assert_close(teacher_vector(TeacherOutput(probs=probs), 3), probs.log())
+    onehot = teacher_vector(TeacherOutput(labels=torch.tensor([2])), 3)
+    assert onehot.tolist() == [[0.0, 0.0, 1.0]]
+
+
+def test_distill_loss_is_l1_through_generator_plus_beta_kl():
+    torch.manual_seed(0)
+    g = Generator(10, 1, 8, width=16).eval()
+    s, t = torch.randn(4, 10), torch.randn(4, 10).log_softmax(1)
+    out = distill_loss(g, s, t, tau=5.0, tau_g=2.0, beta=3.0, align="l1")
+    with torch.no_grad():
+        l1 = (g(s / 2.0) - g(t / 2.0)).abs().mean()
+    kl = (F.softmax(t / 5, 1) * (F.log_softmax(t / 5, 1) - F.log_softmax(s / 5, 1))).sum(1).mean()
+    torch.testing.assert_close(out["align"], l1)
+    torch.testing.assert_close(out["kl"], 3.0 * kl)
+    l2 = distill_loss(g, s, t, 5.0, 2.0, 3.0, align="l2")["align"]
+    assert not torch.isclose(l2, l1)
+
+
+def test_generator_and_discriminator_shapes():
+    for size in (8, 28, 32):
+        g, d = Generator(10, 3, size, width=16), Discriminator(3, size, width=16)
+        x = g(torch.randn(2, 10))
+        assert x.shape == (2, 3, size, size) and x.abs().max() <= 1
+        assert d(x).shape == (2,)
+
+
+# --------------------------------------------------------------------------- optimizer ownership
+
+
+def _mekd(teacher_dir, bundle, budget=None, response="soft", **kw) -> MEKD:
+    model, _ = model_from_checkpoint(teacher_dir)
+    opts = MEKDOptions(budget=budget, response=response, gen_width=16, gan_epochs=1, **kw)
+    student = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
+    return MEKD(student, BlackBoxTeacher(model, response, budget), opts, bundle, 10, 32)
+
+
+def _step(distiller, x):
+    """What the trainer does: sum the losses, backward, step its optimizer over trainable params."""
+    opt = torch.optim.SGD(
+        list(distiller.trainable_parameters()), lr=0.1, momentum=0.9, weight_decay=5e-4
+    )
+    logits, losses = distiller.training_step((x, torch.zeros(len(x), dtype=torch.long), None))
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    opt.step()
+    return logits, losses
+
+
+def _snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before, module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_gan_phase_trains_gan_not_student_and_spends_budget(teacher_dir, bundle):
+    m = _mekd(teacher_dir, bundle, budget=64, im_batch=8, gan_query_fraction=0.5)
+    names = {id(p) for p in m.trainable_parameters()}
+    assert not any(
+        id(p) in names for p in [*m.generator.parameters(), *m.discriminator.parameters()]
+    )
+    m.train()
+    m.on_epoch_start(0)
+    s0, g0, d0 = _snapshot(m.student), _snapshot(m.generator), _snapshot(m.discriminator)
+    x = torch.randn(32, 1, 8, 8)
+    logits, losses = _step(m, x)
+    assert logits.shape == (32, 10)
+    assert {"gan_d", "gan_g", "gan_im"} <= set(losses)
+    assert not _changed(s0, m.student)  # no gradient reached it: SGD (and weight decay) skip it
+    assert _changed(g0, m.generator) and _changed(d0, m.discriminator)
+    assert m.spent == 8 and m.teacher.queries == 8
+    # 32 queries for the GAN phase spread over 10 steps at 8 per query: every 3rd step
+    assert m.im_every == 3
+
+
+def test_distill_phase_trains_student_through_frozen_generator(teacher_dir, bundle):
+    m = _mekd(teacher_dir, bundle, budget=100, gan_query_fraction=0.2)
+    m.train()
+    m.on_epoch_start(1)
+    m.train()
+    s0, g0 = _snapshot(m.student), _snapshot(m.generator)
+    _, losses = _step(m, torch.randn(32, 1, 8, 8))
+    assert set(losses) == {"align", "kl"}
+    assert _changed(s0, m.student) and not _changed(g0, m.generator)
+    assert not m.generator.training
+    # the transfer set took the whole remaining budget once; more steps spend nothing
+    assert m.spent == 100 and len(m.pool_z) == 100
+    _step(m, torch.randn(32, 1, 8, 8))
+    assert m.spent == 100 == m.teacher.queries
+
+
+def test_budget_is_enforced_before_the_teacher_is_asked(teacher_dir, bundle):
+    model, _ = model_from_checkpoint(teacher_dir)
+    student = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
+    d = BudgetedDistiller(student, BlackBoxTeacher(model, "soft"), BlackBoxOptions(budget=10), 10)
+    d.query(torch.randn(6, 1, 8, 8))
+    with pytest.raises(BudgetExceededError, match="6 used"):
+        d.query(torch.randn(5, 1, 8, 8))
+    assert d.spent == 6 and d.teacher.queries == 6
+
+
+def test_kt_selection_and_clear_error_without_subset(monkeypatch):
+    feats = torch.rand(200, 5, generator=torch.Generator().manual_seed(0)).double().numpy()
+    idx = select_queries(feats, 20, "kt", seed=0)
+    assert len(idx) == 20 and len(set(idx.tolist())) == 20
+    monkeypatch.setitem(sys.modules, "distillkit.data.subset", None)
+    with pytest.raises(RuntimeError, match="query_selection=random"):
+        select_queries(feats, 20, "kt", seed=0)
+    assert len(select_queries(feats, 20, "random", seed=0)) == 20
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_baselines_end_to_end_within_budget(teacher_dir, tmp_path):
+    common = [f"teacher={teacher_dir}", "model=mlp", "epochs=4", "batch_size=32", "--quiet"]
+    for method, extra in (("blackbox_kd", []), ("blackbox_hard", ["options.query_selection=kt"])):
+        out = tmp_path / method
+        assert (
+            main(
+                [
+                    "distill",
+                    *common,
+                    f"method={method}",
+                    "options.budget=300",
+                    f"out_dir={out}",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        m = metrics(out)
+        assert m["teacher_queries"] == 300, method
+        assert m["test_acc"] > 60, (method, m["test_acc"])
+
+
+@pytest.mark.parametrize("response", ["soft", "hard"])
+def test_mekd_end_to_end_and_resume(teacher_dir, tmp_path, response):
+    out = tmp_path / f"mekd_{response}"
+    args = [
+        "distill",
+        f"teacher={teacher_dir}",
+        "method=mekd",
+        "model=mlp",
+        "epochs=2",
+        "batch_size=64",
+        "options.gan_epochs=1",
+        "options.gen_width=16",
+        "options.budget=400",
+        f"options.response={response}",
+        "options.im_batch=16",
+        f"out_dir={out}",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    m = metrics(out)
+    assert 0 < m["teacher_queries"] <= 400
+    state = load_checkpoint(out, which="last")
+    assert any(k.startswith("generator.") for k in state["distiller"])
+    assert any(k.startswith("discriminator.") for k in state["distiller"])
+    assert not any(k.startswith(("generator.", "teacher.")) for k in state["model"])
+    model, _ = model_from_checkpoint(out)  # the exported student is the plain model
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        v.numel() for v in state["model"].values()
+    )
+    spent = state["distiller"]["__blackbox__"]["spent"]
+    assert spent == m["teacher_queries"] == 400  # the transfer set used what the GAN left
+    # resuming for one more epoch reuses the transfer set from the checkpoint: no new queries
+    summary = resume(out, {"epochs": 3})
+    assert summary["teacher_queries"] == 400 and summary["epochs"] == 3
+
+
+def test_mekd_against_a_real_http_teacher(teacher_dir, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from distillkit.teachers.keys import BudgetStore, KeyStore
+    from distillkit.teachers.server import ServerThread, create_app, load_service
+
+    keys = KeyStore()
+    key = keys.add("edge", budget=300)
+    budgets = BudgetStore(tmp_path / "state.db")
+    app = create_app(load_service(teacher_dir, "soft"), keys, budgets)
+    monkeypatch.setenv("EDGE_KEY", key)
+    with ServerThread(app) as server:
+        out = tmp_path / "remote"
+        args = [
+            "distill",
+            "method=mekd",
+            "model=mlp",
+            "epochs=2",
+            "batch_size=64",
+            "options.gan_epochs=1",
+            "options.gen_width=16",
+            "options.budget=300",
+            f"options.teacher_url={server.url}",
+            "options.api_key_env=EDGE_KEY",
+            f"out_dir={out}",
+            "--quiet",
+        ]
+        assert main(args) == 0
+        spent_on_server = 300 - budgets.remaining(key.split("-")[1], 300)
+    m = metrics(out)
+    assert m["teacher_queries"] == spent_on_server == 300
+    assert (out / "teacher_cache" / "responses.sqlite").is_file()
+
+
+def test_mekd_config_errors(teacher_dir, tmp_path, capsys):
+    base = ["distill", "method=mekd", "model=mlp", f"out_dir={tmp_path / 'x'}", "--quiet"]
+    assert main([*base, "epochs=2", "options.gan_epochs=2", f"teacher={teacher_dir}"]) == 2
+    assert "gan_epochs" in capsys.readouterr().err
+    assert main([*base, "epochs=2", "options.gan_epochs=1"]) == 2
+    assert "needs a teacher" in capsys.readouterr().err
+    assert main([*base, "options.align=l3", f"teacher={teacher_dir}"]) == 2
+    assert "options.align" in capsys.readouterr().err
+    os.environ.pop("DISTILLKIT_API_KEY", None)
+    assert (
+        main([*base, "epochs=2", "options.gan_epochs=1", "options.teacher_url=http://127.0.0.1:9"])
+        == 2
+    )
+    assert "DISTILLKIT_API_KEY" in capsys.readouterr().err
+    assert math.isfinite(1.0)
