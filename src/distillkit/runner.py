@@ -190,6 +190,10 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     """Continue a run exactly where its last checkpoint left it (optionally with more epochs)."""
     run_dir = Path(run_dir)
     state = load_checkpoint(resolve_checkpoint(run_dir, which="last"))
+    if state.get("kind") == "ssl":  # self-supervised runs have their own trainer
+        from distillkit.ssl_train import resume_ssl
+
+        return resume_ssl(run_dir, overrides)
     data = dict(state["config"])
     data["out_dir"] = str(run_dir)
     data.update(overrides or {})
@@ -206,6 +210,10 @@ def evaluate_checkpoint(
     """Accuracy and loss of a saved model on its dataset's test split."""
     from distillkit.engine.trainer import evaluate
 
+    if load_checkpoint(path, which="best").get("kind") == "ssl":
+        from distillkit.ssl_train import evaluate_ssl_checkpoint
+
+        return evaluate_ssl_checkpoint(path, data_dir=data_dir, device=device)
     model, state = model_from_checkpoint(path, which="best")
     meta = state["model_meta"]
     dev = resolve_device(device)

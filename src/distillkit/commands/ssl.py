@@ -1,0 +1,54 @@
+"""`distillkit ssl CONFIG [key=value...]`: self-supervised training, DINO alone or MOKD for a pair.
+
+`distillkit ssl --resume RUN_DIR [epochs=N]` continues a run exactly from checkpoints/last.pt.
+Works under torchrun (`torchrun --nproc-per-node 2 -m distillkit ssl configs/digits_mokd.yaml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `ssl` subcommand."""
+    from distillkit.cli import _add_run_args
+
+    p = subparsers.add_parser(
+        "ssl",
+        help="self-supervised training without labels: DINO (one model) or MOKD (two models)",
+        description=(
+            "Train self-supervised representations (method=dino for model `a`, method=mokd for "
+            "models `a` and `b`). Labels are used only to evaluate the EMA teachers (k-NN and "
+            "linear probe). Overrides address models as a.lr=0.1 b.name=vit_tiny."
+        ),
+    )
+    _add_run_args(p)
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an SSL run from its last checkpoint"
+    )
+    p.set_defaults(func=cmd_ssl)
+
+
+def cmd_ssl(args: argparse.Namespace) -> int:
+    """Run (or resume) an SSL config and print its summary."""
+    from distillkit.cli import _split_config_arg
+    from distillkit.config import parse_overrides
+    from distillkit.runner import format_json
+    from distillkit.ssl_train import load_ssl_config, resume_ssl, run_ssl
+
+    config, overrides = _split_config_arg(args)
+    if args.resume:
+        if config is not None:
+            raise ValueError(
+                "--resume takes the run directory's own config; pass only key=value overrides"
+            )
+        summary = resume_ssl(args.resume, parse_overrides(overrides))
+        quiet = args.quiet
+    else:
+        cfg = load_ssl_config(config, overrides)
+        summary = run_ssl(cfg)
+        quiet = cfg.quiet
+    if not quiet and os.environ.get("RANK", "0") == "0":
+        print(format_json(summary))
+    return 0

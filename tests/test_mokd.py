@@ -1,0 +1,165 @@
+"""MOKD: T-head search target, frozen teachers, end-to-end run, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distillkit.engine.checkpoint import load_checkpoint
+from distillkit.methods.mokd import MOKD, TransformerHead
+from distillkit.methods.ssl import soft_cross_entropy
+from distillkit.ssl_train import SSLTrainer, build_method, load_ssl_config, resume_ssl, run_ssl
+
+torch.set_num_threads(1)
+
+TINY_MOKD = [
+    "method=mokd",
+    "dataset=digits",
+    "a.name=resnet8",
+    "a.cross_weight=1.0",
+    "b.name=vit_tiny",
+    "b.kwargs={patch_size: 4, dim: 16, depth: 1, heads: 2}",
+    "b.optimizer=adamw",
+    "b.lr=0.0005",
+    "b.cross_weight=0.1",
+    "out_dim=32",
+    "head_hidden=16",
+    "head_bottleneck=8",
+    "thead_width=16",
+    "thead_depth=1",
+    "thead_heads=2",
+    "global_size=8",
+    "local_size=4",
+    "local_crops_number=2",
+    "epochs=2",
+    "batch_size=16",
+    "max_train_samples=48",
+    "warmup_teacher_temp_epochs=2",
+    "probe_steps=20",
+    "quiet=true",
+    "device=cpu",
+]
+
+
+def _thead() -> TransformerHead:
+    torch.manual_seed(0)
+    return TransformerHead(
+        in_dim=6, out_dim=10, width=8, depth=2, heads=2, mlp_ratio=2.0, grid=(2, 2)
+    )
+
+
+def test_search_target_shape_and_query_output_dropped():
+    head = _thead().eval()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 4, 6, generator=g)
+    query = torch.randn(3, 8, generator=g)
+    target = head.search(query, tokens, (2, 2))
+    assert target.shape == (3, 10)
+    x = torch.cat([query[:, None], head.embed(tokens, (2, 2))], dim=1)
+    y = head.norm(head.blocks(x))
+    assert torch.allclose(target, head.project(y[:, 1:].mean(1)), atol=1e-6)
+    # pooling with the query's own output would give something else
+    assert not torch.allclose(target, head.project(y.mean(1)), atol=1e-3)
+    # the query still matters, through attention
+    other = head.search(torch.randn(3, 8, generator=g), tokens, (2, 2))
+    assert not torch.allclose(target, other, atol=1e-4)
+
+
+def test_thead_handles_smaller_local_grids():
+    head = _thead()
+    pooled, out = head(torch.randn(5, 1, 6), (1, 1))
+    assert pooled.shape == (5, 8) and out.shape == (5, 10)
+
+
+def _method_and_views():
+    cfg = load_ssl_config(None, TINY_MOKD)
+    from distillkit.data.datasets import load_dataset
+
+    method = build_method(cfg, load_dataset("digits"))
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(2)]
+    views += [torch.randn(4, 1, 4, 4, generator=g) for _ in range(2)]
+    return method, views
+
+
+def test_teachers_never_receive_gradients():
+    method, views = _method_and_views()
+    assert isinstance(method, MOKD)
+    losses = method.compute_losses(views, 0.04)
+    assert set(losses["a"]) == {"dino", "dino_thead", "cross", "search"}
+    total = sum(sum(t.values()) for t in losses.values())
+    total.backward()
+    for name, m in method.members.items():
+        assert all(not p.requires_grad and p.grad is None for p in m.teacher.parameters()), name
+        grads = [p.grad for p in m.student.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_cross_terms_are_lambda_weighted_and_search_uses_other_teacher():
+    method, views = _method_and_views()
+    a, b = method.members["a"], method.members["b"]
+    s_a = a.student(views)
+    with torch.no_grad():
+        t_b = b.teacher(views[:2])
+        # the target is B's teacher T-head searched with A's detached local-crop query
+        expected_targets = [
+            b.teacher.thead.search(s_a["pooled"][i], t_b["tokens"][0], t_b["grids"][0])
+            for i in (2, 3)
+        ]
+    expected = (
+        sum(
+            soft_cross_entropy(s_a["thead"][i], tgt, 0.1, 0.04)
+            for i, tgt in zip((2, 3), expected_targets)
+        )
+        / 2
+    )
+    losses = method.compute_losses(views, 0.04)
+    assert losses["a"]["search"].item() == pytest.approx(1.0 * expected.item(), rel=1e-4)
+    # the same models with another lambda for B scale B's cross terms exactly by the ratio
+    method2, _ = _method_and_views()
+    method2.members["b"].cross_weight = 0.5
+    losses2 = method2.compute_losses(views, 0.04)
+    assert method.members["b"].cross_weight == pytest.approx(0.1)
+    for term in ("cross", "search"):
+        assert losses2["b"][term].item() / 0.5 == pytest.approx(
+            losses["b"][term].item() / 0.1, rel=1e-5
+        )
+    assert losses2["b"]["dino"].item() == pytest.approx(losses["b"]["dino"].item(), rel=1e-6)
+
+
+def test_mokd_runs_end_to_end_and_resume_is_exact(tmp_path):
+    straight = tmp_path / "straight"
+    summary = run_ssl(load_ssl_config(None, [*TINY_MOKD, f"out_dir={straight}"]))
+    final = json.loads((straight / "metrics.json").read_text())
+    assert final["method"] == "mokd" and final["models"]["b"]["model"] == "vit_tiny"
+    for key in ("knn_acc_a", "linear_acc_a", "knn_acc_b", "linear_acc_b"):
+        assert 0 <= final[key] <= 100 and final[key] == summary[key]
+
+    broken = tmp_path / "broken"
+    out = run_ssl(load_ssl_config(None, [*TINY_MOKD, f"out_dir={broken}"]), stop_after_epoch=1)
+    assert out == {"stopped_after_epoch": 1}
+    assert load_checkpoint(broken, which="last")["epoch"] == 1
+    resume_ssl(broken)
+
+    a = load_checkpoint(straight, which="last")
+    b = load_checkpoint(broken, which="last")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), key
+
+    def rows(run):
+        drop = {"epoch_time", "images_per_sec"}
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+
+    assert rows(straight) == rows(broken)
+
+
+def test_trainer_rejects_uneven_global_batch(tmp_path):
+    from distillkit.engine.distributed import DistContext
+
+    cfg = load_ssl_config(None, [*TINY_MOKD, "batch_size=15", f"out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="divisible"):
+        SSLTrainer(cfg, tmp_path, torch.device("cpu"), DistContext(rank=0, world_size=2))
