@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace, default_method: str | None = None) -> in
     cfg = load_config(config, overrides)
     if default_method is not None and cfg.method == "ce":
         raise ValueError(
-            "`distillkit distill` needs a distillation method (kd, fitnet); use `train` for ce"
+            "`distillkit distill` needs a distillation method (`distillkit methods` lists them); use `train` for ce"
         )
     summary = run(cfg)
     if not cfg.quiet and os.environ.get("RANK", "0") == "0":
