@@ -10,7 +10,7 @@ from distillkit.config import config_from_dict
 from distillkit.report import markdown_table, plot_curves
 from distillkit.runner import run
 
-TEACHER = {"model": "resnet20", "epochs": 30, "lr": 0.05}
+TEACHER = {"model": "resnet20", "epochs": 30, "lr": 0.1}
 STUDENT = {"model": "cnn_small", "epochs": 30, "lr": 0.05}
 
 
