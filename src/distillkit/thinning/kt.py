@@ -1,0 +1,594 @@
+"""Kernel thinning: KT-SPLIT, KT-SWAP, target/root/power KT, KT+, and baselines.
+
+Implementation notes
+--------------------
+* KT-SPLIT runs round by round; all coresets of a round are halved together (batched).
+  Inside a halving, the pairs are processed in blocks: the kernel rows of a block against
+  every earlier point of its coreset come from one matrix product, the contribution of
+  earlier pairs to psi is one matrix-vector product, and only the within-block
+  recursion is sequential. Only the lower triangle of each coreset's kernel matrix is
+  ever evaluated and nothing of size n x n is stored.
+* Kernel blocks used for decisions are float32 (3-4x cheaper exp); every sum that feeds a
+  decision is accumulated in float64.
+* In target KT the split blocks of round 1 cover the whole (lower-triangular) kernel
+  matrix, so the row means KT-SWAP needs come for free.
+* Any n: KT-SPLIT needs 2^m * floor(n/2^m) points. The r = n mod 2^m points left over
+  are drawn uniformly at random (seeded) and sit out the split only: they are part of
+  the target distribution (row means over all n points) and candidates in every swap.
+* Any coreset size: m defaults to the largest value with floor(n/2^m) >= coreset_size;
+  the best candidate is trimmed to the exact size by greedy MMD-optimal point removal,
+  then refined by KT-SWAP at that size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .kernels import Gaussian, Kernel, SumKernel, check_points, single_thread_blas, sqdist
+from .mmd import resolve_kernel
+
+__all__ = [
+    "kt",
+    "kt_split",
+    "kt_swap",
+    "standard_thin",
+    "iid",
+    "split_kernel_for",
+]
+
+_BLOCK = 1 << 22  # elements per float32 kernel block (16 MB)
+_TILE = 1 << 18  # elements per cache-resident kernel tile in KT-SPLIT (1 MB)
+SPLITS = ("target", "root", "power", "plus")
+
+
+# ---------------------------------------------------------------- helpers
+def _rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _two_blocks(k1: Kernel, k2: Kernel | None, A: np.ndarray, B: np.ndarray):
+    """k1(A, B) and k2(A, B) in float32, sharing the distance computation when possible."""
+    if k2 is None:
+        return k1(A, B, dtype=np.float32), None
+    if k1.radial and k2.radial:
+        D2 = sqdist(A, B)
+        d = A.shape[-1]
+        return k1.profile(D2.copy(), d), k2.profile(D2, d)
+    return k1(A, B, dtype=np.float32), k2(A, B, dtype=np.float32)
+
+
+def _thresholds(b2: np.ndarray, log_mult: float) -> np.ndarray:
+    """Self-balancing thresholds a_i per coreset (sequential sub-Gaussian recursion)."""
+    C, h = b2.shape
+    out = np.empty_like(b2)
+    if C <= 16:
+        # plain floats beat numpy on tiny arrays
+        for c in range(C):
+            sig = 0.0
+            row = b2[c].tolist()
+            res = [0.0] * h
+            for i, bb in enumerate(row):
+                t = math.sqrt(sig * bb * log_mult)
+                thr = t if t > bb else bb
+                if sig == 0.0:
+                    sig = bb
+                elif thr != 0.0:
+                    upd = 1.0 + (bb - 2.0 * thr) * sig / (thr * thr)
+                    if upd > 0.0:
+                        sig += bb * upd
+                res[i] = thr if thr != 0.0 else 1.0
+            out[c] = res
+        return out
+    sig = np.zeros(C)
+    for i in range(h):
+        bb = b2[:, i]
+        thr = np.maximum(np.sqrt(sig * bb * log_mult), bb)
+        safe = np.where(thr > 0, thr, 1.0)
+        upd = np.maximum(1.0 + (bb - 2.0 * thr) * sig / safe**2, 0.0)
+        sig = np.where(sig == 0, bb, np.where(thr > 0, sig + bb * upd, sig))
+        out[:, i] = safe
+    return out
+
+
+def _gaussian_factors(kernel: Kernel, Xp: np.ndarray):
+    """Row-factored Gaussian tiles: k(x, y) = rho(x) * exp((2 x.y - |y|^2) / (2 sigma^2)).
+
+    With the row term |x|^2 rounded to float32 inside the GEMM, every entry of a row shares
+    one relative error (~1e-7 at |x|^2 / sigma^2 ~ 1), which biases the row means KT-SWAP
+    relies on (measured: 5-10% worse MMD at n = 2^14). Applying rho in float64 after the
+    sums leaves only per-entry rounding, which averages out. Returns None when the
+    unscaled factor could overflow float32 (far outliers) or the kernel is not Gaussian.
+    """
+    if not isinstance(kernel, Gaussian):
+        return None
+    inv = 1.0 / float(kernel.sigma) ** 2
+    x64 = Xp.astype(np.float64)
+    half = 0.5 * inv * np.einsum("...i,...i->...", x64, x64)
+    if half.size == 0 or half.max() > 60.0:
+        return None
+    ones = np.ones(Xp.shape[:-1] + (1,), dtype=np.float32)
+    Ar = np.concatenate([Xp, ones], axis=-1)
+    Fc = np.concatenate([x64 * inv, -half[..., None]], axis=-1).astype(np.float32)
+    return Ar, Fc, np.exp(-half)
+
+
+def _exp_tile(Ar: np.ndarray, Fc: np.ndarray) -> np.ndarray:
+    D = np.matmul(Ar, np.swapaxes(Fc, -1, -2))
+    return np.exp(D, out=D)
+
+
+def _halve_batch(
+    Xp: np.ndarray,
+    kernel: Kernel,
+    log_mult: float,
+    rng: np.random.Generator,
+    mean_kernel: Kernel | None = None,
+    mean_acc: np.ndarray | None = None,
+    sums: bool = False,
+):
+    """Halve C coresets at once; Xp is (C, s, d) float32 with s even.
+
+    Returns local positions (C, 2, s/2) of the two children. If mean_acc (C, s) is given,
+    adds the row sums of the (mean_kernel or kernel) matrix of each coreset to it. With
+    sums=True also returns (C, 3) kernel sums over child 0, child 1 and the odd positions
+    (the standard-thinning half), derived from the same blocks at no extra kernel cost.
+    """
+    C, s, _ = Xp.shape
+    h = s // 2
+    b2 = kernel.diag(Xp[:, 0::2]) + kernel.diag(Xp[:, 1::2])
+    b2 = b2 - 2.0 * kernel.paired(Xp[:, 0::2].astype(np.float64), Xp[:, 1::2].astype(np.float64))
+    b2 = np.maximum(b2, 0.0)
+    A = _thresholds(b2, log_mult)
+    U = rng.random((C, h))
+    E = np.empty((C, h))
+    # columns: psi weights (child 0 = +1, child 1 = -1, unprocessed = 0), ones, odd positions
+    W = np.zeros((C, s, 3), dtype=np.float32)
+    W[:, :, 1] = 1.0
+    W[:, 1::2, 2] = 1.0
+    tot = np.zeros(C)  # 1'K1
+    one_w = np.zeros(C)  # 1'Kw
+    wkw = np.zeros(C)  # w'Kw
+    uku = np.zeros(C)  # u'Ku
+    B = int(max(8, min(256, _BLOCK // max(1, 2 * C * s))))
+    fact = _gaussian_factors(kernel, Xp) if mean_kernel is None else None
+    for p0 in range(0, h, B):
+        p1 = min(h, p0 + B)
+        q0, q1 = 2 * p0, 2 * p1
+        rows_x = Xp[:, q0:q1]
+        # column tiles of ~1 MB keep each kernel tile in cache for the exp and the GEMMs
+        # (measured 2x faster than one (2B, q1) block); M accumulates psi over earlier
+        # points, full row sums and K u.
+        T = int(max(128, _TILE // max(1, C * (q1 - q0))))
+        M = np.zeros((C, q1 - q0, 3))
+        if fact is not None:
+            Ar, Fc, rho = fact
+            rho_r = rho[:, q0:q1]
+            for j in range(0, q0, T):
+                j1 = min(q0, j + T)
+                Kt = _exp_tile(Ar[:, q0:q1], Fc[:, j:j1])
+                if mean_acc is None:
+                    M += rho_r[..., None] * np.matmul(Kt, W[:, j:j1])
+                else:
+                    Kt = Kt.astype(np.float64)
+                    M += rho_r[..., None] * np.matmul(Kt, W[:, j:j1])
+                    mean_acc[:, j:j1] += np.matmul(rho_r[:, None, :], Kt)[:, 0, :]
+            Kin = rho_r[..., None] * _exp_tile(Ar[:, q0:q1], Fc[:, q0:q1]).astype(np.float64)
+            Kin = 0.5 * (Kin + np.swapaxes(Kin, 1, 2))
+            M += np.matmul(Kin, W[:, q0:q1])
+            psi, rows = M[..., 0], M[..., 1]
+            if mean_acc is not None:
+                mean_acc[:, q0:q1] += rows
+        else:
+            mrow = None if mean_kernel is None else np.zeros((C, q1 - q0))
+            for j in range(0, q0, T):
+                j1 = min(q0, j + T)
+                Kt, Mt = _two_blocks(kernel, mean_kernel, rows_x, Xp[:, j:j1])
+                if mean_acc is None or Mt is not None:
+                    M += np.matmul(Kt, W[:, j:j1])
+                else:
+                    Kt = Kt.astype(np.float64)
+                    M += np.matmul(Kt, W[:, j:j1])
+                    mean_acc[:, j:j1] += Kt.sum(axis=1)
+                if Mt is not None:
+                    Mt = Mt.astype(np.float64)
+                    mean_acc[:, j:j1] += Mt.sum(axis=1)
+                    mrow += Mt.sum(axis=2)
+            Kq, Mq = _two_blocks(kernel, mean_kernel, rows_x, rows_x)
+            Kin = Kq.astype(np.float64)
+            M += np.matmul(Kin, W[:, q0:q1])
+            psi, rows = M[..., 0], M[..., 1]
+            if mean_acc is not None:
+                if Mq is None:
+                    mean_acc[:, q0:q1] += rows
+                else:
+                    mean_acc[:, q0:q1] += mrow + Mq.astype(np.float64).sum(axis=2)
+        alpha = psi[:, 1::2] - psi[:, 0::2]
+        # G[i, p] = <k(x'_i) - k(x_i), k(x'_p) - k(x_p)>, symmetric
+        G = Kin[:, 1::2, 1::2] - Kin[:, 1::2, 0::2] - Kin[:, 0::2, 1::2] + Kin[:, 0::2, 0::2]
+        Ab, Ub = A[:, p0:p1], U[:, p0:p1]
+        nb = p1 - p0
+        if C == 1:
+            al, g = alpha[0], G[0]
+            a_l, u_l = Ab[0].tolist(), Ub[0].tolist()
+            e = [0.0] * nb
+            for i in range(nb):
+                if u_l[i] <= 0.5 * (1.0 - al[i] / a_l[i]):
+                    e[i] = 1.0
+                    al[i + 1 :] += g[i, i + 1 :]
+                else:
+                    e[i] = -1.0
+                    al[i + 1 :] -= g[i, i + 1 :]
+            E[0, p0:p1] = e
+        else:
+            for i in range(nb):
+                eps = np.where(Ub[:, i] <= 0.5 * (1.0 - alpha[:, i] / Ab[:, i]), 1.0, -1.0)
+                E[:, p0 + i] = eps
+                alpha[:, i + 1 :] += eps[:, None] * G[:, i, i + 1 :]
+        # eps = +1 sends x' to child 0, which adds k(x') - k(x) to psi
+        W[:, q0 + 1 : q1 : 2, 0] = E[:, p0:p1]
+        W[:, q0:q1:2, 0] = -E[:, p0:p1]
+        if sums:
+            wb = W[:, q0:q1, 0].astype(np.float64)
+            ub = W[:, q0:q1, 2].astype(np.float64)
+            kin_w = np.matmul(Kin, wb[:, :, None])[..., 0]
+            kin_u = np.matmul(Kin, ub[:, :, None])[..., 0]
+            tot += 2.0 * rows.sum(axis=1) - Kin.sum(axis=(1, 2))
+            one_w += psi.sum(axis=1) + (wb * rows).sum(axis=1)
+            wkw += 2.0 * (wb * psi).sum(axis=1) + (wb * kin_w).sum(axis=1)
+            uku += 2.0 * (ub * M[..., 2]).sum(axis=1) - (ub * kin_u).sum(axis=1)
+    even = np.arange(0, 2 * h, 2)
+    plus = E > 0
+    child0 = np.where(plus, even + 1, even)
+    child1 = np.where(plus, even, even + 1)
+    pos = np.stack([child0, child1], axis=1)
+    if not sums:
+        return pos
+    s00 = 0.25 * (tot + 2.0 * one_w + wkw)
+    s11 = 0.25 * (tot - 2.0 * one_w + wkw)
+    return pos, np.stack([s00, s11, uku], axis=1)
+
+
+def _split_rounds(
+    X32: np.ndarray,
+    ids: np.ndarray,
+    kernel: Kernel,
+    m: int,
+    delta: float,
+    rng: np.random.Generator,
+    mean_kernel: Kernel | None = None,
+    mean_acc: np.ndarray | None = None,
+) -> np.ndarray:
+    """m halving rounds of the points ids (length divisible by 2^m) -> (2^m, len/2^m)."""
+    n_split = ids.shape[0]
+    P = ids[None, :]
+    for j in range(1, m + 1):
+        # delta_i = delta * 2^(j-1) / (m n) for every pair of round j (as in the paper)
+        log_mult = 2.0 * math.log(2.0 * n_split * m / (delta * 2 ** (j - 1)))
+        acc = mean_acc if j == 1 else None
+        pos = _halve_batch(X32[P], kernel, log_mult, rng, mean_kernel if j == 1 else None, acc)
+        C, _, h = pos.shape
+        P = np.take_along_axis(P, pos.reshape(C, 2 * h), axis=1).reshape(2 * C, h)
+    return P
+
+
+def _candidate_scores(kernel: Kernel, Xg: np.ndarray, S: np.ndarray, meanK: np.ndarray):
+    """MMD^2 (up to a constant) of each candidate: mean K[S,S] - 2 mean meanK[S].
+
+    Xg (G, L, d) float32, S (G, K, s) local positions, meanK (G, L) -> (G, K).
+    """
+    G, Kc, s = S.shape
+    flat = S.reshape(G * Kc, s)
+    gi = np.repeat(np.arange(G), Kc)
+    out = np.empty(G * Kc)
+    per = max(1, _BLOCK // (s * s))
+    for c0 in range(0, G * Kc, per):
+        c1 = min(G * Kc, c0 + per)
+        pts = Xg[gi[c0:c1, None], flat[c0:c1]]
+        if s * s <= _BLOCK:
+            kss = kernel(pts, pts, dtype=np.float32).sum(axis=(1, 2), dtype=np.float64)
+        else:  # a single huge candidate: sum blockwise
+            kss = np.zeros(c1 - c0)
+            step = max(1, _BLOCK // s)
+            for r in range(0, s, step):
+                blk = kernel(pts[:, r : r + step], pts, dtype=np.float32)
+                kss += blk.sum(axis=(1, 2), dtype=np.float64)
+        out[c0:c1] = kss / (s * s) - 2.0 * meanK[gi[c0:c1, None], flat[c0:c1]].mean(axis=1)
+    return out.reshape(G, Kc)
+
+
+def _trim(kernel: Kernel, X32: np.ndarray, S: np.ndarray, meanK: np.ndarray, size: int):
+    """Greedily drop the point whose removal lowers MMD the most until len(S) == size."""
+    s = S.shape[0]
+    if s <= size:
+        return S
+    P = X32[S]
+    r = np.zeros(s)
+    step = max(1, _BLOCK // s)
+    for i in range(0, s, step):
+        r[i : i + step] = kernel(P[i : i + step], P, dtype=np.float32).sum(1, dtype=np.float64)
+    dg = kernel.diag(P).astype(np.float64)
+    mk = meanK[S].astype(np.float64)
+    T, M = r.sum(), mk.sum()
+    alive = np.ones(s, dtype=bool)
+    for k in range(s, size, -1):
+        score = (T - 2.0 * r + dg) / (k - 1) ** 2 - 2.0 * (M - mk) / (k - 1)
+        score[~alive] = np.inf
+        c = int(np.argmin(score))
+        alive[c] = False
+        T -= 2.0 * r[c] - dg[c]
+        M -= mk[c]
+        r -= kernel(P[c : c + 1], P, dtype=np.float32)[0]
+    return S[alive]
+
+
+def _refine(
+    kernel: Kernel,
+    Xg: np.ndarray,
+    S: np.ndarray,
+    meanK: np.ndarray,
+    passes: int = 1,
+    unique: bool = False,
+) -> np.ndarray:
+    """KT-SWAP point refinement for G groups at once; Xg (G, L, d), S (G, s) local."""
+    G, L, _ = Xg.shape
+    s = S.shape[1]
+    S = S.copy()
+    gidx = np.arange(G)
+    ksum = np.zeros((G, L))
+    per = max(1, _BLOCK // max(1, L * s))
+    for g0 in range(0, G, per):
+        g1 = min(G, g0 + per)
+        pts = Xg[gidx[g0:g1, None], S[g0:g1]]
+        if L * s <= _BLOCK:
+            ksum[g0:g1] = kernel(Xg[g0:g1], pts, dtype=np.float32).sum(2, dtype=np.float64)
+        else:
+            step = max(1, _BLOCK // s)
+            for r in range(0, L, step):
+                blk = kernel(Xg[g0:g1, r : r + step], pts, dtype=np.float32)
+                ksum[g0:g1, r : r + step] = blk.sum(2, dtype=np.float64)
+    stat = kernel.diag(Xg) / s - 2.0 * meanK + (2.0 / s) * ksum
+    member = np.zeros((G, L), dtype=bool)
+    if unique:
+        member[gidx[:, None], S] = True
+    two_s = 2.0 / s
+    F = kernel.factor(Xg)  # reused by every row evaluation below
+    chunk = int(max(1, min(s, _BLOCK // max(1, G * L))))
+    for _ in range(max(1, passes)):
+        changed = False
+        for t0 in range(0, s, chunk):
+            t1 = min(s, t0 + chunk)
+            # rows of the current members of slots t0..t1 (a slot only changes at its turn)
+            rows = kernel.eval_factor(Xg[gidx[:, None], S[:, t0:t1]], F)
+            for t in range(t0, t1):
+                c = S[:, t]
+                row_c = rows[:, t - t0, :]
+                stat -= two_s * row_c
+                if unique:
+                    member[gidx, c] = False
+                    z = np.where(member, np.inf, stat).argmin(axis=1)
+                    member[gidx, z] = True
+                else:
+                    z = stat.argmin(axis=1)
+                moved = np.nonzero(z != c)[0]
+                if moved.size == 0:
+                    stat += two_s * row_c
+                    continue
+                changed = True
+                S[:, t] = z
+                if 2 * moved.size >= G:
+                    row_z = kernel.eval_factor(Xg[gidx, z][:, None, :], F)[:, 0, :]
+                else:
+                    row_z = row_c.copy()
+                    row_z[moved] = kernel.eval_factor(Xg[moved, z[moved]][:, None, :], F[moved])[
+                        :, 0, :
+                    ]
+                stat += two_s * row_z
+        if not changed:
+            break
+    return S
+
+
+def standard_thin(
+    X: np.ndarray, coreset_size: int | None = None, m: int | None = None
+) -> np.ndarray:
+    """Every t-th point counted back from the end (t = 2^m or n // coreset_size)."""
+    X = check_points(X)
+    n = X.shape[0]
+    size, m = _resolve_sizes(n, coreset_size, m)
+    step = 2**m if coreset_size is None else max(1, n // size)
+    return np.sort(n - 1 - step * np.arange(size, dtype=np.int64))
+
+
+def iid(
+    X: np.ndarray, coreset_size: int, seed: int | None = None, replace: bool = False
+) -> np.ndarray:
+    """Uniform random subsample (without replacement unless replace=True)."""
+    X = check_points(X)
+    n = X.shape[0]
+    size, _ = _resolve_sizes(n, coreset_size, None)
+    return np.sort(_rng(seed).choice(n, size, replace=replace).astype(np.int64))
+
+
+def _resolve_sizes(n: int, coreset_size: int | None, m: int | None) -> tuple[int, int]:
+    if coreset_size is not None:
+        if isinstance(coreset_size, bool) or int(coreset_size) != coreset_size:
+            raise ValueError(f"coreset_size must be an integer, got {coreset_size!r}")
+        coreset_size = int(coreset_size)
+        if not 1 <= coreset_size <= n:
+            raise ValueError(f"coreset_size must be in [1, n={n}], got {coreset_size}")
+    if m is not None:
+        if isinstance(m, bool) or int(m) != m or m < 0:
+            raise ValueError(f"m must be a non-negative integer, got {m!r}")
+        m = int(m)
+        if 2**m > n:
+            raise ValueError(f"m={m} needs at least 2^m = {2**m} points, got n={n}")
+    if coreset_size is None and m is None:
+        coreset_size = max(1, int(round(math.sqrt(n))))
+    if coreset_size is None:
+        return n // 2**m, m
+    if m is None:
+        m = 0
+        while n // 2 ** (m + 1) >= coreset_size:
+            m += 1
+    elif n // 2**m < coreset_size:
+        raise ValueError(
+            f"coreset_size={coreset_size} is larger than n // 2^m = {n // 2**m} (m={m})"
+        )
+    return coreset_size, m
+
+
+def split_kernel_for(kernel: Kernel, split: str, d: int, alpha: float | None = None) -> Kernel:
+    """Split kernel of target / root / power KT or KT+ for a fitted target kernel."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+    if split == "target":
+        return kernel
+    if split == "root":
+        return kernel.sqrt(d)
+    a = kernel.default_alpha(d) if alpha is None else float(alpha)
+    kp = kernel.power(a, d)
+    if split == "power":
+        return kp
+    return SumKernel((kernel, kp), (1.0 / kernel.sup_norm, 1.0 / kp.sup_norm))
+
+
+def _prepare(X, kernel):
+    X = check_points(X)
+    kernel = resolve_kernel(kernel, X)
+    Xc = X - X.mean(axis=0)  # centring keeps float32 distances accurate
+    return X, kernel, Xc.astype(np.float32)
+
+
+def _split_with_leftovers(X32, split_k, m, delta, rng, mean_kernel, want_mean):
+    n = X32.shape[0]
+    n_split = 2**m * (n // 2**m)
+    if n_split < n:
+        left = np.sort(rng.choice(n, n - n_split, replace=False))
+        keep = np.ones(n, dtype=bool)
+        keep[left] = False
+        ids = np.nonzero(keep)[0]
+    else:
+        left = np.empty(0, dtype=np.int64)
+        ids = np.arange(n)
+    acc = np.zeros((1, n_split)) if want_mean else None
+    cands = _split_rounds(X32, ids, split_k, m, delta, rng, mean_kernel, acc)
+    return cands.astype(np.int64), ids, left, acc
+
+
+def _row_means(kernel, X32, ids, left, acc):
+    """Row means of the target kernel over all n points, reusing the split sums."""
+    n = X32.shape[0]
+    meanK = np.zeros(n)
+    meanK[ids] = acc[0]
+    if left.size:
+        step = max(1, _BLOCK // n)
+        for i in range(0, left.size, step):
+            R = kernel(X32[left[i : i + step]], X32)  # float64: few rows, feeds KT-SWAP
+            meanK[left[i : i + step]] = R.sum(1, dtype=np.float64)
+            meanK[ids] += R[:, ids].sum(0, dtype=np.float64)
+    return meanK / n
+
+
+def _full_row_means(kernel, X32):
+    n = X32.shape[0]
+    out = np.empty(n)
+    step = max(1, _BLOCK // n)
+    for i in range(0, n, step):
+        out[i : i + step] = kernel(X32[i : i + step], X32).sum(1)  # float64 for KT-SWAP
+    return out / n
+
+
+@single_thread_blas
+def kt_split(
+    X: np.ndarray, kernel: Kernel | str, m: int, delta: float = 0.5, seed: int | None = None
+) -> np.ndarray:
+    """KT-SPLIT: 2^m candidate coresets (rows) of floor(n/2^m) int64 indices each."""
+    X, kernel, X32 = _prepare(X, kernel)
+    _resolve_sizes(X.shape[0], None, m)
+    _check_delta(delta)
+    cands, _, _, _ = _split_with_leftovers(X32, kernel, m, delta, _rng(seed), None, False)
+    return cands
+
+
+def _check_delta(delta: float) -> None:
+    if not (0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
+def _swap_core(kernel, X32, cands, meanK, size, passes, unique, include_standard=True):
+    n = X32.shape[0]
+    s_c = cands.shape[1]
+    if include_standard:
+        step = max(1, n // s_c)
+        std = n - 1 - step * np.arange(s_c, dtype=np.int64)
+        cands = np.vstack([cands, std[None, ::-1]])
+    scores = _candidate_scores(kernel, X32[None], cands[None], meanK[None])[0]
+    best = cands[int(np.argmin(scores))]
+    best = _trim(kernel, X32, best, meanK, size)
+    return _refine(kernel, X32[None], best[None], meanK[None], passes, unique)[0]
+
+
+@single_thread_blas
+def kt_swap(
+    X: np.ndarray,
+    candidates: np.ndarray,
+    kernel: Kernel | str,
+    coreset_size: int | None = None,
+    passes: int = 1,
+    unique: bool = False,
+) -> np.ndarray:
+    """KT-SWAP: best candidate (or standard thinning) by MMD, then greedy point swaps."""
+    X, kernel, X32 = _prepare(X, kernel)
+    cands = np.atleast_2d(np.asarray(candidates))
+    if cands.size == 0 or not np.issubdtype(cands.dtype, np.integer):
+        raise ValueError("candidates must be a non-empty integer array (K, s)")
+    if cands.min() < 0 or cands.max() >= X.shape[0]:
+        raise ValueError(f"candidates must index rows of X in [0, {X.shape[0]})")
+    size = cands.shape[1] if coreset_size is None else coreset_size
+    size, _ = _resolve_sizes(X.shape[0], size, None)
+    if size > cands.shape[1]:
+        raise ValueError(f"coreset_size={size} exceeds the candidate size {cands.shape[1]}")
+    meanK = _full_row_means(kernel, X32)
+    out = _swap_core(kernel, X32, cands.astype(np.int64), meanK, size, passes, unique)
+    return np.sort(out).astype(np.int64)
+
+
+@single_thread_blas
+def kt(
+    X: np.ndarray,
+    kernel: Kernel | str = "gaussian",
+    coreset_size: int | None = None,
+    m: int | None = None,
+    split: str = "target",
+    alpha: float | None = None,
+    delta: float = 0.5,
+    seed: int | None = None,
+    passes: int = 1,
+    unique: bool = False,
+) -> np.ndarray:
+    """Kernel thinning (target, root, power or KT+ split; swap with the target kernel).
+
+    Returns sorted int64 row indices of X (repeats possible unless unique=True).
+    coreset_size defaults to round(sqrt(n)) (or floor(n / 2^m) when only m is given);
+    m defaults to the largest number of halving rounds with floor(n / 2^m) >= coreset_size.
+    split: "target" (k), "root" (k^(1/2)), "power" (k^alpha) or "plus" (k/|k| + k_alpha/|k_alpha|);
+    alpha defaults to kernel.default_alpha(d). passes > 1 repeats the swap sweep until stable.
+    """
+    X, kernel, X32 = _prepare(X, kernel)
+    n, d = X.shape
+    size, m = _resolve_sizes(n, coreset_size, m)
+    _check_delta(delta)
+    split_k = split_kernel_for(kernel, split, d, alpha)
+    rng = _rng(seed)
+    same = split_k is kernel
+    cands, ids, left, acc = _split_with_leftovers(
+        X32, split_k, m, delta, rng, None if same else kernel, True
+    )
+    if m > 0:
+        meanK = _row_means(kernel, X32, ids, left, acc)
+    else:
+        meanK = _full_row_means(kernel, X32)
+    out = _swap_core(kernel, X32, cands, meanK, size, passes, unique)
+    return np.sort(out).astype(np.int64)
