@@ -223,7 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (
+        ConfigError,
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        FloatingPointError,
+    ) as exc:
         print(f"distillkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
