@@ -301,3 +301,22 @@ def test_mekd_config_errors(teacher_dir, tmp_path, capsys):
     )
     assert "DISTILLKIT_API_KEY" in capsys.readouterr().err
     assert math.isfinite(1.0)
+
+
+def test_gan_steps_per_batch_runs_several_updates_and_spreads_queries(teacher_dir, bundle):
+    m = _mekd(
+        teacher_dir, bundle, budget=64, im_batch=8, gan_query_fraction=0.5, gan_steps_per_batch=3
+    )
+    # 10 trainer steps x 3 updates = 30 GAN updates; 4 queries of 8 -> one every 8th update
+    assert m.im_every == 8
+    m.train()
+    m.on_epoch_start(0)
+    x = torch.randn(32, 1, 8, 8)
+    _, losses = _step(m, x)
+    assert m.gan_step == 3 and m.spent == 8  # the first update queried, the next two did not
+    assert {"gan_d", "gan_g", "gan_im"} <= set(losses)
+    for _ in range(9):
+        _step(m, x)
+    assert m.gan_step == 30 and m.spent == 32 == m.teacher.queries
+    with pytest.raises(ValueError, match="gan_steps_per_batch"):
+        MEKDOptions(gan_steps_per_batch=0).validate()
