@@ -250,3 +250,25 @@ def test_cli_rejects_unknown_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'a.lrr' (did you mean 'a.lr'?)" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_head_batchnorm_option_separates_samples():
+    # post-ReLU backbone features share a large common component; without normalisation the
+    # head maps every sample to nearly the same bottleneck direction (the uniform collapse of
+    # DINO on digits); BatchNorm in the hidden layers removes the common part
+    torch.manual_seed(0)
+    x = torch.rand(64, 32) + 2.0
+    plain = DINOHead(32, 16, hidden_dim=32, bottleneck_dim=8, nlayers=3)
+    with_bn = DINOHead(32, 16, hidden_dim=32, bottleneck_dim=8, nlayers=3, use_bn=True)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in with_bn.mlp) == 2
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in plain.mlp)
+
+    def mean_cos(head: DINOHead) -> float:
+        with torch.no_grad():
+            z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+        return float((z @ z.T).mean())
+
+    assert mean_cos(plain) > 0.95
+    assert mean_cos(with_bn) < 0.5
+    cfg = load_ssl_config(None, [*TINY, "head_bn=true"])
+    assert cfg.head_bn

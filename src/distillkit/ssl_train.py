@@ -102,6 +102,7 @@ class SSLConfig:
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_layers: int = 3
+    head_bn: bool = False  # BatchNorm in the head's hidden layers (DINO's use_bn_in_head)
     thead: bool = False  # dino only: also self-distil a T-head (always on for mokd)
     thead_width: int = 384
     thead_depth: int = 3
@@ -309,6 +310,7 @@ def build_member(
         cfg.head_bottleneck,
         cfg.head_layers,
         mcfg.norm_last_layer,
+        cfg.head_bn,
     )
     thead = None
     if with_thead:

@@ -227,6 +227,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         if nlayers < 1:
@@ -234,9 +235,15 @@ class DINOHead(nn.Module):
         if nlayers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+
+            def block(d_in: int) -> list[nn.Module]:
+                # DINO's use_bn_in_head: Linear -> BatchNorm -> GELU in the hidden layers
+                bn: list[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+                return [nn.Linear(d_in, hidden_dim), *bn, nn.GELU()]
+
+            layers: list[nn.Module] = block(in_dim)
             for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                layers += block(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():
