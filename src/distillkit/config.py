@@ -277,8 +277,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or none: defaults) and apply `key=value` overrides."""
+def read_config_data(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a YAML config file (or {}) with `key=value` overrides merged in."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -293,8 +293,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of keys to values")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
-    return config_from_dict(data)
+    return _merge(data, parse_overrides(overrides or []))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or none: defaults) and apply `key=value` overrides."""
+    return config_from_dict(read_config_data(path, overrides))
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from distillkit.config import ConfigError, _build, _merge, parse_overrides
+from distillkit.config import ConfigError, _build, _merge, read_config_data
 from distillkit.data.datasets import DataBundle, Split, load_dataset
 from distillkit.data.loader import BatchLoader, derive_seed
 from distillkit.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -266,19 +266,7 @@ def ssl_config_from_dict(data: dict[str, Any]) -> SSLConfig:
 
 def load_ssl_config(path: str | Path | None, overrides: list[str] | None = None) -> SSLConfig:
     """Read a YAML SSL config (or none: defaults) and apply `key=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys to values")
-        data = loaded
-    return ssl_config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    return ssl_config_from_dict(read_config_data(path, overrides))
 
 
 # --------------------------------------------------------------------------- building
