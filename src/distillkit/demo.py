@@ -11,7 +11,7 @@ from distillkit.report import markdown_table, plot_curves
 from distillkit.runner import run
 
 TEACHER = {"model": "resnet20", "epochs": 30, "lr": 0.1}
-STUDENT = {"model": "cnn_small", "epochs": 30, "lr": 0.05}
+STUDENT = {"model": "mlp", "epochs": 30, "lr": 0.05}
 
 
 def run_demo(
