@@ -135,13 +135,23 @@ def test_fashion_mnist_resize(tmp_path, no_system_data):
 def test_fashion_mnist_missing_lists_places_and_install_hint(tmp_path, monkeypatch, no_system_data):
     monkeypatch.setenv(ds.ENV_VAR, str(tmp_path / "envdir"))
     with pytest.raises(FileNotFoundError) as e:
-        load_dataset("fashion-mnist", data_dir=str(tmp_path / "nowhere"))
+        load_dataset("fashion-mnist")
     msg = str(e.value)
     assert isinstance(e.value, DatasetNotFoundError)
     assert "apt-get install -y dataset-fashion-mnist" in msg
-    for place in (tmp_path / "nowhere", tmp_path / "envdir", tmp_path / "no-system-copy"):
+    for place in (tmp_path / "envdir", tmp_path / "no-system-copy"):
         assert str(place) in msg
     assert "DISTILLKIT_DATA" in msg and "data_dir" in msg
+
+
+def test_explicit_data_dir_never_falls_back_to_another_copy(tmp_path, monkeypatch):
+    make_fashion_dir(tmp_path / "envcopy", compress=False)
+    monkeypatch.setenv(ds.ENV_VAR, str(tmp_path / "envcopy"))
+    assert len(load_dataset("fashion-mnist").train) == 12  # the env copy is found without data_dir
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("fashion-mnist", data_dir=str(tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in str(e.value)
+    assert str(tmp_path / "envcopy") not in str(e.value)
 
 
 def test_fashion_mnist_corrupt_file_named(tmp_path, no_system_data):

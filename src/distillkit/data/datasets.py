@@ -315,6 +315,9 @@ def _fashion_mnist_candidates(data_dir: str | None) -> list[Path]:
     dirs: list[Path] = []
     for root, _ in _user_roots(data_dir):
         dirs.extend(root / sub if sub else root for sub in _FMNIST_SUBDIRS)
+        if data_dir:
+            # an explicit data_dir is the user's choice: never silently read another copy
+            return _dedupe(dirs)
     dirs.append(Path(SYSTEM_FASHION_MNIST_DIR))
     return _dedupe(dirs)
 
