@@ -11,7 +11,8 @@ from distillkit.report import markdown_table, plot_curves
 from distillkit.runner import run
 
 TEACHER = {"model": "resnet20", "epochs": 30, "lr": 0.1}
-STUDENT = {"model": "mlp", "epochs": 30, "lr": 0.05}
+# a 1-pixel random crop is a 12% shift on 8x8 digits: the students train better without it
+STUDENT = {"model": "mlp", "epochs": 30, "lr": 0.05, "augment": False}
 
 
 def run_demo(
