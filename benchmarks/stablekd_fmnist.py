@@ -216,7 +216,11 @@ def main() -> int:
                 "out_dir": str(teacher_dir),
             }
         )
-    teacher_acc = json.loads((teacher_dir / "metrics.json").read_text())["test_acc"]
+    teacher_summary = json.loads((teacher_dir / "metrics.json").read_text())
+    teacher_acc = teacher_summary["test_acc"]
+    args.teacher_model = teacher_summary.get(
+        "model", args.teacher_model
+    )  # a reused teacher's own name
 
     try:
         import distillkit.data.subset  # noqa: F401
