@@ -206,7 +206,7 @@ class _Killed(Exception):
 
 
 def test_resume_mid_stage_equals_uninterrupted_run(teacher_dir, tmp_path, monkeypatch):
-    from distillkit.engine import trainer as trainer_mod
+    from distillkit.engine import checkpoint as ckpt_mod
     from distillkit.runner import resume, run
 
     run(_cfg(teacher_dir, tmp_path / "full"))
@@ -214,13 +214,13 @@ def test_resume_mid_stage_equals_uninterrupted_run(teacher_dir, tmp_path, monkey
     def fake_kill(pid, sig):
         raise _Killed
 
-    monkeypatch.setattr(trainer_mod.os, "kill", fake_kill)
-    monkeypatch.setenv(trainer_mod.KILL_ENV, "2")  # after epoch 2: inside stage 2 (epochs 2-3)
+    monkeypatch.setattr(ckpt_mod.os, "kill", fake_kill)
+    monkeypatch.setenv(ckpt_mod.KILL_ENV, "2")  # after epoch 2: inside stage 2 (epochs 2-3)
     with pytest.raises(_Killed):
         run(_cfg(teacher_dir, tmp_path / "cut"))
     state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and int(state["distiller"]["stage"]) == 1
-    monkeypatch.delenv(trainer_mod.KILL_ENV)
+    monkeypatch.delenv(ckpt_mod.KILL_ENV)
     resume(tmp_path / "cut")
 
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")

@@ -27,7 +27,12 @@ from torch import nn
 from distillkit.config import ConfigError, _build, _merge, read_config_data
 from distillkit.data.datasets import DataBundle, Split, load_dataset
 from distillkit.data.loader import BatchLoader, derive_seed
-from distillkit.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from distillkit.engine.checkpoint import (
+    KILL_ENV,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from distillkit.engine.distributed import (
     DistContext,
     barrier,
@@ -36,7 +41,6 @@ from distillkit.engine.distributed import (
 )
 from distillkit.engine.logging import MetricsLogger
 from distillkit.engine.trainer import (
-    KILL_ENV,
     resolve_device,
     rng_state,
     seed_everything,
@@ -108,6 +112,9 @@ class SSLConfig:
     thead_depth: int = 3
     thead_heads: int = 6
     thead_mlp_ratio: float = 4.0
+    # T-head output: 0 = bare weight-normed linear on the pooled token; >= 1 = a DINO projection
+    # head of that many layers (head_hidden / head_bottleneck / head_bn, like the main head)
+    thead_head_layers: int = 0
     # DINO loss
     student_temp: float = 0.1
     teacher_temp: float = 0.07
@@ -218,6 +225,12 @@ def validate_ssl_config(cfg: SSLConfig) -> None:
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp", "knn_temperature"):
         _check(getattr(cfg, key) > 0, key, "must be > 0", getattr(cfg, key))
     _check(
+        cfg.thead_head_layers >= 0,
+        "thead_head_layers",
+        "must be >= 0",
+        cfg.thead_head_layers,
+    )
+    _check(
         cfg.thead_width % cfg.thead_heads == 0,
         "thead_width",
         f"must be divisible by thead_heads={cfg.thead_heads}",
@@ -311,6 +324,10 @@ def build_member(
             cfg.thead_mlp_ratio,
             backbone.probe_grid,
             mcfg.norm_last_layer,
+            cfg.thead_head_layers,
+            cfg.head_hidden,
+            cfg.head_bottleneck,
+            cfg.head_bn,
         )
     return SSLMember(SSLNetwork(backbone, head, thead), cfg.out_dim, mcfg.cross_weight)
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+# Test hook: kill the process right after the checkpoint of this epoch is written, to check resume.
+KILL_ENV = "DISTILLKIT_KILL_AFTER_EPOCH"
 
 FORMAT = "distillkit-checkpoint"
 VERSION = 1
@@ -37,6 +41,20 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_run_checkpoints(state: dict[str, Any], run_dir: str | Path, best: bool) -> None:
+    """Write RUN_DIR/checkpoints/last.pt and, when `best`, best.pt (both atomic)."""
+    folder = Path(run_dir) / "checkpoints"
+    save_checkpoint(state, folder / "last.pt")
+    if best:
+        save_checkpoint(state, folder / "best.pt")
+
+
+def kill_point(epoch: int) -> None:
+    """Test hook: SIGKILL this process after `epoch` when $DISTILLKIT_KILL_AFTER_EPOCH says so."""
+    if epoch == int(os.environ.get(KILL_ENV, "0") or 0):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,13 +21,10 @@ from distillkit.config import RunConfig
 from distillkit.data.datasets import DataBundle, Split
 from distillkit.data.loader import BatchLoader
 from distillkit.data.transforms import normalize, to_float
-from distillkit.engine.checkpoint import save_checkpoint
+from distillkit.engine.checkpoint import kill_point, save_run_checkpoints
 from distillkit.engine.distributed import DistContext, all_reduce_sum, barrier
 from distillkit.engine.logging import MetricsLogger
 from distillkit.methods.base import Distiller
-
-# Test hook: kill the process right after the checkpoint of this epoch is written, to check resume.
-KILL_ENV = "DISTILLKIT_KILL_AFTER_EPOCH"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -341,7 +337,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to cfg.epochs from wherever the state stands; returns the final summary."""
         self._start = time.perf_counter()
-        kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
         while self.epoch < self.cfg.epochs:
             t0 = time.perf_counter()
             stats = self.train_epoch()
@@ -380,16 +375,13 @@ class Trainer:
                     f"({row['epoch_time']:.1f}s)",
                     flush=True,
                 )
-            if self.ctx.is_main:
-                final = self.epoch == self.cfg.epochs
-                if final or self.epoch % max(1, self.cfg.save_every) == 0 or improved:
-                    state = self.state()
-                    save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
-                    if improved:
-                        save_checkpoint(state, self.run_dir / "checkpoints" / "best.pt")
+            final = self.epoch == self.cfg.epochs
+            if self.ctx.is_main and (
+                final or improved or self.epoch % max(1, self.cfg.save_every) == 0
+            ):
+                save_run_checkpoints(self.state(), self.run_dir, best=improved)
             barrier(self.ctx)
-            if kill_after and self.epoch == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill_point(self.epoch)
         summary = self.summary()
         self.logger.write_final(summary)
         return summary
