@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distillkit.engine.checkpoint import load_checkpoint
 from distillkit.methods.mokd import MOKD, TransformerHead
-from distillkit.methods.ssl import soft_cross_entropy
+from distillkit.methods.ssl import DINOHead, soft_cross_entropy
 from distillkit.ssl_train import SSLTrainer, build_method, load_ssl_config, resume_ssl, run_ssl
 
 torch.set_num_threads(1)
@@ -71,6 +72,54 @@ def test_thead_handles_smaller_local_grids():
     head = _thead()
     pooled, out = head(torch.randn(5, 1, 6), (1, 1))
     assert pooled.shape == (5, 8) and out.shape == (5, 10)
+
+
+def test_thead_projection_head_separates_images_sharing_a_common_component():
+    """Regression: the T-head's bare output (l2-normalise + WN linear on the pooled token) maps
+    pooled tokens that share a big common part to one output, so centered DINO targets go
+    uniform (loss ~ log(out_dim)). The DINO projection head (MLP + BN + bottleneck) does not."""
+    g = torch.Generator().manual_seed(0)
+    pooled = 10.0 * torch.randn(1, 16, generator=g) + 0.3 * torch.randn(32, 16, generator=g)
+
+    def spread(head: TransformerHead) -> float:
+        with torch.no_grad():
+            out = F.normalize(head.project(pooled), dim=-1)
+        return (1.0 - out @ out.T).mean().item()
+
+    torch.manual_seed(0)
+    bare = TransformerHead(in_dim=6, out_dim=64, width=16, depth=1, heads=2)
+    torch.manual_seed(0)
+    mlp = TransformerHead(
+        in_dim=6,
+        out_dim=64,
+        width=16,
+        depth=1,
+        heads=2,
+        head_layers=3,
+        head_hidden=32,
+        head_bottleneck=8,
+        head_bn=True,
+    )
+    assert isinstance(mlp.head, DINOHead) and mlp.head.last_layer.weight_g.requires_grad is False
+    assert spread(bare) < 1e-2 < 0.2 < spread(mlp)
+    # the search target goes through the same projection head
+    tokens = torch.randn(4, 49, 6, generator=g)
+    x = torch.cat([pooled[:4, None], mlp.embed(tokens, (7, 7))], dim=1)
+    expected = mlp.head(mlp.norm(mlp.blocks(x))[:, 1:].mean(1))
+    assert torch.allclose(mlp.search(pooled[:4], tokens, (7, 7)), expected, atol=1e-5)
+
+
+def test_thead_head_layers_from_config_and_rejects_negative():
+    cfg = load_ssl_config(None, [*TINY_MOKD, "thead_head_layers=2", "head_bn=true"])
+    from distillkit.data.datasets import load_dataset
+
+    method = build_method(cfg, load_dataset("digits"))
+    for m in method.members.values():
+        head = m.student.thead.head
+        assert isinstance(head, DINOHead)
+        assert any(isinstance(x, torch.nn.BatchNorm1d) for x in head.modules())
+    with pytest.raises(Exception, match="thead_head_layers"):
+        load_ssl_config(None, [*TINY_MOKD, "thead_head_layers=-1"])
 
 
 def _method_and_views():

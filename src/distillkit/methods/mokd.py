@@ -22,12 +22,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit.methods.ssl import DINO, SSLMember, WeightNormLinear, dino_loss, soft_cross_entropy
+from distillkit.methods.ssl import (
+    DINO,
+    DINOHead,
+    SSLMember,
+    WeightNormLinear,
+    dino_loss,
+    soft_cross_entropy,
+)
 from distillkit.models.vit import TransformerBlock
 
 
 class TransformerHead(nn.Module):
-    """T-head: tokens -> width projection + position embedding -> blocks -> mean pool -> WN linear.
+    """T-head: tokens -> width projection + position embedding -> blocks -> mean pool -> output.
+
+    The output is the paper's weight-normed linear layer on the l2-normalised pooled token
+    (`head_layers=0`), or a DINO projection head (`head_layers >= 1`: MLP, optional BatchNorm,
+    l2-normalised bottleneck, weight-normed linear) like the main head. The DINO head keeps the
+    T-head's centered self-distillation from collapsing to uniform when the pooled tokens of all
+    images share a big common component (small images, few tokens).
 
     CNN feature-map positions and ViT patch tokens are both projected (a 1x1 conv is a linear map
     over channels) to one common width, so one model's query can search the other's tokens.
@@ -43,8 +56,14 @@ class TransformerHead(nn.Module):
         mlp_ratio: float = 4.0,
         grid: tuple[int, int] = (7, 7),
         norm_last_layer: bool = True,
+        head_layers: int = 0,
+        head_hidden: int = 2048,
+        head_bottleneck: int = 256,
+        head_bn: bool = False,
     ) -> None:
         super().__init__()
+        if head_layers < 0:
+            raise ValueError(f"thead_head_layers must be >= 0, got {head_layers}")
         self.width = width
         self.grid = tuple(grid)
         self.proj = nn.Linear(in_dim, width)
@@ -54,7 +73,15 @@ class TransformerHead(nn.Module):
             *[TransformerBlock(width, heads, mlp_ratio) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(width)
-        self.last_layer = WeightNormLinear(width, out_dim, norm_last_layer)
+        # head_layers 0: the bare weight-normed linear output on the l2-normalised pooled token;
+        # >= 1: a DINO projection head (MLP [+ BN] -> l2-normalised bottleneck -> WN linear)
+        self.head: nn.Module | None = None
+        if head_layers == 0:
+            self.last_layer = WeightNormLinear(width, out_dim, norm_last_layer)
+        else:
+            self.head = DINOHead(
+                width, out_dim, head_hidden, head_bottleneck, head_layers, norm_last_layer, head_bn
+            )
 
     def _pos(self, grid: tuple[int, int]) -> torch.Tensor:
         if tuple(grid) == self.grid:
@@ -70,6 +97,8 @@ class TransformerHead(nn.Module):
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled (B, width) -> output (B, out_dim)."""
+        if self.head is not None:
+            return self.head(pooled)
         return self.last_layer(F.normalize(pooled, dim=-1))
 
     def forward(
