@@ -9,7 +9,7 @@ from torch import nn
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import kd_kl
 from distillkit.methods.registry import register_method
-from distillkit.teachers.base import TeacherOutput
+from distillkit.teachers.base import TeacherOutput, ask_teacher
 
 
 class KD(Distiller):
@@ -30,9 +30,7 @@ class KD(Distiller):
 
     def query_teacher(self, x: torch.Tensor, idx: torch.Tensor | None) -> TeacherOutput:
         """Ask the teacher, by sample index where it caches."""
-        if idx is not None and getattr(self.teacher, "accepts_indices", False):
-            return self.teacher(x, idx)
-        return self.teacher(x)
+        return ask_teacher(self.teacher, x, idx)
 
     def kd_term(self, logits: torch.Tensor, out: TeacherOutput) -> torch.Tensor:
         """T^2 * KL to the teacher; for hard labels the target is exactly one-hot at any T."""

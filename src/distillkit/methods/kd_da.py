@@ -20,6 +20,7 @@ from distillkit.data.augment import Augmentation, build_augmentation, student_sc
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import kd_kl
 from distillkit.methods.registry import register_method
+from distillkit.teachers.base import ask_teacher
 
 
 @dataclass
@@ -77,11 +78,7 @@ class KDDA(Distiller):
     def teacher_log_probs(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher log-probabilities at T = 1 (by sample index only for the un-augmented x)."""
         with torch.no_grad():
-            if idx is not None and getattr(self.teacher, "accepts_indices", False):
-                out = self.teacher(x, idx)
-            else:
-                out = self.teacher(x)
-            return out.log_probs(self.num_classes)
+            return ask_teacher(self.teacher, x, idx).log_probs(self.num_classes)
 
     def augment(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x' and, when the augmentation already asked the teacher, its log-probabilities on x'."""

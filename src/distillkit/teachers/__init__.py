@@ -1,6 +1,6 @@
 """Teachers: local white-box models, black-box views with budgets, and output caching."""
 
-from distillkit.teachers.base import KINDS, BudgetExceededError, Teacher, TeacherOutput
+from distillkit.teachers.base import KINDS, BudgetExceededError, Teacher, TeacherOutput, ask_teacher
 from distillkit.teachers.cache import CachedTeacher
 from distillkit.teachers.local import BlackBoxTeacher, LocalTeacher
 
@@ -11,5 +11,6 @@ __all__ = [
     "CachedTeacher",
     "LocalTeacher",
     "Teacher",
+    "ask_teacher",
     "TeacherOutput",
 ]

@@ -54,3 +54,12 @@ class Teacher(Protocol):
     budget: int | None
 
     def __call__(self, x: torch.Tensor) -> TeacherOutput: ...
+
+
+def ask_teacher(
+    teacher: Teacher, x: torch.Tensor, idx: torch.Tensor | None = None
+) -> TeacherOutput:
+    """Query a teacher, passing the batch's sample indices to teachers that cache by index."""
+    if idx is not None and getattr(teacher, "accepts_indices", False):
+        return teacher(x, idx)
+    return teacher(x)
