@@ -20,6 +20,7 @@ from distillkit.methods.mekd import (
     Discriminator,
     Generator,
     MEKDOptions,
+    class_balance_weights,
     distill_loss,
     im_term,
     im_weights,
@@ -106,6 +107,29 @@ def test_generator_and_discriminator_shapes():
         assert d(x).shape == (2,)
 
 
+def test_minibatch_std_makes_each_logit_depend_on_the_batch_spread():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    y = x.clone()
+    y[3] = torch.randn(1, 8, 8) * 5  # change one image only
+    plain, spread = Discriminator(1, 8, width=16), Discriminator(1, 8, width=16, minibatch_std=True)
+    # without it image 0's logit ignores its batch-mates; with it, it sees their spread
+    assert torch.allclose(plain(x)[0], plain(y)[0])
+    assert not torch.allclose(spread(x)[0], spread(y)[0])
+    # a batch of copies has no spread: the extra feature is 0 and only the last weight differs
+    same = x[:1].expand(4, 1, 8, 8)
+    h = spread.body(same).flatten(1)
+    expected = h @ spread.head.weight[0, :-1] + spread.head.bias
+    assert torch.allclose(spread(same), expected, atol=1e-6)
+
+
+def test_class_balance_weights_give_every_present_class_the_same_total():
+    labels = torch.tensor([0] * 90 + [1] * 9 + [3])
+    w = class_balance_weights(labels)
+    totals = [w[labels == c].sum().item() for c in (0, 1, 3)]
+    assert totals == pytest.approx([1.0, 1.0, 1.0])
+
+
 # --------------------------------------------------------------------------- optimizer ownership
 
 
@@ -170,6 +194,16 @@ def test_distill_phase_trains_student_through_frozen_generator(teacher_dir, bund
     assert m.spent == 100 and len(m.pool_z) == 100
     _step(m, torch.randn(32, 1, 8, 8))
     assert m.spent == 100 == m.teacher.queries
+
+
+def test_transfer_set_is_drawn_class_balanced_unless_turned_off(teacher_dir, bundle):
+    torch.manual_seed(0)
+    for balance, share in ((True, 0.5), (False, 0.9)):
+        m = _mekd(teacher_dir, bundle, budget=100, balance=balance)
+        m.pool_z = torch.randn(100, 10)
+        m.pool_t = F.one_hot(torch.tensor([2] * 90 + [7] * 10), 10).float()
+        picks = m.pool_t[m.sample_pool(20000)].argmax(1)
+        assert (picks == 2).float().mean().item() == pytest.approx(share, abs=0.02)
 
 
 def test_budget_is_enforced_before_the_teacher_is_asked(teacher_dir, bundle):
