@@ -14,6 +14,13 @@ the edge images, MEKD with soft answers, MEKD with hard answers; and white-box K
 (local teacher, unlimited queries) as the upper reference. Reports test accuracy (mean +- std over
 seeds), images the teacher answered, and MB exchanged over HTTP.
 
+MEKD runs use `--gan-steps-per-batch` D/G updates per batch, a constant learning rate (a cosine
+over all epochs would leave distillation only the decayed tail) and no augmentation (the GAN
+learns the edge images as they are). White-box KD does not depend on the budget: it runs once per
+seed. Runs are independent: `--jobs N` runs N at once in worker processes (the two servers stay in
+the main process). Each finished run appends a line to OUT/runs.jsonl, so a stopped benchmark
+keeps what it measured; `--report-only` prints the table from that file.
+
     python benchmarks/mekd_fmnist.py                     # full: budgets 5k/20k/100k, 3 seeds
     python benchmarks/mekd_fmnist.py --smoke             # minutes on a CPU: tiny everything
 """
@@ -22,15 +29,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from distillkit.config import config_from_dict
-from distillkit.data.datasets import DataBundle, Split, load_dataset, register_dataset
+from distillkit.data.datasets import (
+    DataBundle,
+    Split,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 from distillkit.runner import _execute, _write_run_files, prepare, run
 
 EDGE = "fashion-mnist-edge"
@@ -45,11 +60,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--data-dir", default=None, help="default: the loader's search (/usr/share/datasets/...)"
     )
+    p.add_argument("--teacher", default=None, help="a trained teacher run dir (else trained here)")
     p.add_argument("--teacher-model", default="resnet20")
     p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--student-model", default="cnn_small")
     p.add_argument("--epochs", type=int, default=60, help="student epochs (MEKD: GAN + distill)")
     p.add_argument("--gan-epochs", type=int, default=30)
+    p.add_argument("--gan-steps-per-batch", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (worker processes)")
+    p.add_argument("--report-only", action="store_true", help="print the table of OUT/runs.jsonl")
     p.add_argument("--budgets", default="5000,20000,100000")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--edge-fraction", type=float, default=0.1)
@@ -61,6 +80,7 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.teacher_model, args.teacher_epochs = "mlp", 1
         args.student_model, args.epochs, args.gan_epochs = "mlp", 2, 1
+        args.gan_steps_per_batch = 1
         args.budgets, args.seeds, args.edge_fraction = "300", "0", 0.01
     return args
 
@@ -80,7 +100,9 @@ def edge_indices(labels: np.ndarray, fraction: float, skew: float, num_classes: 
 
 
 def register_edge(args: argparse.Namespace) -> None:
-    """Register the edge shard as a dataset: skewed train shard, full test split."""
+    """Register the edge shard as a dataset: skewed train shard, full test split (once)."""
+    if EDGE in list_datasets():
+        return
 
     @register_dataset(EDGE)
     def _load(data_dir: str | None = None, image_size: int | None = None) -> DataBundle:
@@ -93,27 +115,103 @@ def register_edge(args: argparse.Namespace) -> None:
         return full
 
 
-def run_with_teacher_stats(spec: dict) -> tuple[dict, dict]:
-    """Run a config; return its summary and its RemoteTeacher counters (if any)."""
-    p = prepare(config_from_dict(spec))
+def run_one(job: dict) -> dict:
+    """Run one config (in a worker); return its result row."""
+    args = argparse.Namespace(**job["args"])
+    torch.set_num_threads(job["threads"])
+    register_edge(args)
+    if job.get("api_key"):
+        os.environ["DISTILLKIT_API_KEY"] = job["api_key"]
+    p = prepare(config_from_dict(job["spec"]))
     _write_run_files(p)
     summary = _execute(p, None)
     teacher = p.distiller.teacher
     stats = teacher.stats() if hasattr(teacher, "stats") else {}
-    return summary, stats
+    return {
+        "method": job["method"],
+        "budget": job["budget"],
+        "seed": job["spec"]["seed"],
+        "acc": summary["test_acc"],
+        "queries": summary.get("teacher_queries", 0),
+        "MB": (stats.get("bytes_sent", 0) + stats.get("bytes_received", 0)) / 1e6,
+        "seconds": summary.get("train_time_s", 0.0),
+    }
+
+
+def table(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds per (budget, method)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["method"]), []).append(r)
+    out = []
+    for (budget, method), rs in groups.items():
+        accs = [r["acc"] for r in rs]
+        out.append(
+            {
+                "budget": budget,
+                "method": method,
+                "seeds": len(rs),
+                "acc_mean": statistics.mean(accs),
+                "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                "queries": statistics.mean(r["queries"] for r in rs),
+                "MB": statistics.mean(r["MB"] for r in rs),
+            }
+        )
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    out.sort(
+        key=lambda r: (r["budget"] == "any", str(r["budget"]).zfill(8), order.get(r["method"], 99))
+    )
+    return out
+
+
+METHOD_ORDER = ["blackbox_kd", "blackbox_hard", "mekd_soft", "mekd_hard", "whitebox_kd"]
+
+
+def report(out: Path, teacher_acc: float | None, args: argparse.Namespace) -> str:
+    """The markdown table of every finished run in OUT/runs.jsonl (also written to report.md)."""
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
+    lines = []
+    if teacher_acc is not None:
+        lines.append(f"teacher {args.teacher_model}: test acc {teacher_acc:.2f}")
+    lines.append(
+        f"edge: {args.edge_fraction:.0%} shard, class skew {args.skew}; student {args.student_model}"
+    )
+    lines += [
+        "",
+        "| budget | method | seeds | test acc (mean +- std) | teacher queries | MB exchanged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table(rows):
+        lines.append(
+            f"| {r['budget']} | {r['method']} | {r['seeds']} | {r['acc_mean']:.2f} +- "
+            f"{r['acc_std']:.2f} | {r['queries']:.0f} | {r['MB']:.2f} |"
+        )
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"teacher_acc": teacher_acc, "rows": table(rows)}, indent=2)
+    )
+    return text
 
 
 def main() -> int:
     args = parse_args()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "4"))))
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "4")))
+    torch.set_num_threads(threads)
     from distillkit.teachers.keys import BudgetStore, KeyStore
     from distillkit.teachers.server import ServerThread, create_app, load_service
 
     register_edge(args)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = Path(args.teacher) if args.teacher else out / "teacher"
+    metrics_file = teacher_dir / "metrics.json"
+    if args.report_only:
+        acc = json.loads(metrics_file.read_text())["test_acc"] if metrics_file.is_file() else None
+        print(report(out, acc, args))
+        return 0
     base = {"data_dir": args.data_dir, "device": args.device, "quiet": True, "batch_size": 128}
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "metrics.json").is_file():
+    if not metrics_file.is_file():
         run(
             config_from_dict(
                 {
@@ -127,86 +225,88 @@ def main() -> int:
                 }
             )
         )
-    teacher_acc = json.loads((teacher_dir / "metrics.json").read_text())["test_acc"]
+    teacher_acc = json.loads(metrics_file.read_text())["test_acc"]
 
+    serve_device = "cuda" if args.device.startswith("cuda") else "cpu"
     keys = {kind: KeyStore() for kind in ("soft", "hard")}
     servers = {}
     for kind in ("soft", "hard"):
         app = create_app(
-            load_service(teacher_dir, kind), keys[kind], BudgetStore(out / f"state_{kind}.db")
+            load_service(teacher_dir, kind, serve_device),
+            keys[kind],
+            BudgetStore(out / f"state_{kind}.db"),
         )
         servers[kind] = ServerThread(app).start()
 
-    student = {
-        **base,
-        "dataset": EDGE,
-        "model": args.student_model,
-        "epochs": args.epochs,
-        "lr": 0.05,
-    }
+    student = {**base, "dataset": EDGE, "model": args.student_model, "epochs": args.epochs}
     methods = [m for m in args.methods.split(",") if m]
-    rows = []
-    try:
-        for budget in [int(b) for b in args.budgets.split(",")]:
+    budgets = [int(b) for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = []
+    for seed in seeds:
+        for budget in budgets:
             for method in methods:
-                accs, queries, mbytes = [], [], []
-                for seed in [int(s) for s in args.seeds.split(",")]:
-                    name = f"{method}_b{budget}_s{seed}"
-                    run_dir = out / "runs" / name
-                    spec = {**student, "name": name, "seed": seed, "out_dir": str(run_dir)}
-                    if method == "whitebox_kd":
-                        spec.update(method="kd", teacher=str(teacher_dir))
+                if method == "whitebox_kd" and budget != budgets[0]:
+                    continue  # the local teacher has no budget: one run per seed
+                name = f"{method}_b{budget}_s{seed}"
+                spec = {
+                    **student,
+                    "name": name,
+                    "seed": seed,
+                    "lr": 0.05,
+                    "out_dir": str(out / "runs" / name),
+                }
+                job = {"method": method, "budget": budget, "spec": spec, "api_key": None}
+                if method == "whitebox_kd":
+                    spec.update(method="kd", teacher=str(teacher_dir))
+                    job["budget"] = "any"
+                else:
+                    kind = "hard" if method in ("blackbox_hard", "mekd_hard") else "soft"
+                    job["api_key"] = keys[kind].add(name, budget=budget)
+                    opts = {"teacher_url": servers[kind].url, "budget": budget}
+                    if method.startswith("mekd"):
+                        spec.update(method="mekd", schedule="constant", augment=False)
+                        opts.update(
+                            gan_epochs=args.gan_epochs,
+                            gan_steps_per_batch=args.gan_steps_per_batch,
+                            gan_query_fraction=0.3,
+                        )
                     else:
-                        kind = "hard" if method in ("blackbox_hard", "mekd_hard") else "soft"
-                        key = keys[kind].add(name, budget=budget)
-                        os.environ["DISTILLKIT_API_KEY"] = key
-                        opts = {"teacher_url": servers[kind].url, "budget": budget}
-                        if method.startswith("mekd"):
-                            spec["method"] = "mekd"
-                            opts.update(gan_epochs=args.gan_epochs, gan_query_fraction=0.3)
-                        else:
-                            spec["method"] = method
-                        spec["options"] = opts
-                    summary, stats = run_with_teacher_stats(spec)
-                    accs.append(summary["test_acc"])
-                    queries.append(summary["teacher_queries"])
-                    mbytes.append(
-                        (stats.get("bytes_sent", 0) + stats.get("bytes_received", 0)) / 1e6
-                    )
-                    print(
-                        f"{name}: acc={summary['test_acc']:.2f} queries={summary['teacher_queries']} "
-                        f"MB={mbytes[-1]:.2f}",
-                        flush=True,
-                    )
-                rows.append(
-                    {
-                        "budget": budget,
-                        "method": method,
-                        "acc_mean": statistics.mean(accs),
-                        "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                        "queries": statistics.mean(queries),
-                        "MB": statistics.mean(mbytes),
-                    }
-                )
+                        spec["method"] = method
+                    spec["options"] = opts
+                jobs.append(job)
+    worker_threads = 1 if args.jobs > 1 else threads
+    for job in jobs:
+        job.update(args=vars(args), threads=worker_threads)
+    results = out / "runs.jsonl"
+    results.write_text("")
+    try:
+        if args.jobs > 1:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+                futures = [pool.submit(run_one, job) for job in jobs]
+                for f in as_completed(futures):
+                    record(results, f.result())
+        else:
+            for job in jobs:
+                record(results, run_one(job))
     finally:
         for s in servers.values():
             s.stop()
-
-    print(f"\nteacher {args.teacher_model} (full train split): test acc {teacher_acc:.2f}")
-    print(
-        f"edge: {args.edge_fraction:.0%} shard, class skew {args.skew}; student {args.student_model}\n"
-    )
-    print("| budget | method | test acc (mean +- std) | teacher queries | MB exchanged |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['budget']} | {r['method']} | {r['acc_mean']:.2f} +- {r['acc_std']:.2f} | "
-            f"{r['queries']:.0f} | {r['MB']:.2f} |"
-        )
-    (out / "results.json").write_text(
-        json.dumps({"teacher_acc": teacher_acc, "rows": rows}, indent=2)
-    )
+    print()
+    print(report(out, teacher_acc, args))
     return 0
+
+
+def record(results: Path, row: dict) -> None:
+    """Append one finished run to runs.jsonl and say it."""
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(
+        f"{row['method']} budget={row['budget']} seed={row['seed']}: acc={row['acc']:.2f} "
+        f"queries={row['queries']} MB={row['MB']:.2f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
