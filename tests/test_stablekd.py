@@ -16,11 +16,12 @@ from distillkit.methods.stablekd import (
     StableKD,
     StableKDOptions,
     build_schedule,
+    feature_loss,
     stage_of_epoch,
     stage_sizes,
 )
 from distillkit.models import build_model
-from distillkit.models.stagewise import split_blocks
+from distillkit.models.stagewise import Connector, split_blocks
 from distillkit.teachers import LocalTeacher
 
 
@@ -44,11 +45,13 @@ def _pair(student: str = "cnn_medium"):
     return student_model, teacher
 
 
-def _distiller(stage_epochs=(1, 1, 1), student: str = "cnn_medium", alpha: float = 0.1):
+def _distiller(
+    stage_epochs=(1, 1, 1), student: str = "cnn_medium", alpha: float = 0.1, **kwargs
+) -> StableKD:
     s, t = _pair(student)
     sizes = stage_sizes([4, 2, 1])
     schedule = build_schedule(sizes, list(stage_epochs), sum(stage_epochs))
-    return StableKD(s, t, schedule, SHAPE, temperature=4.0, alpha=alpha)
+    return StableKD(s, t, schedule, SHAPE, temperature=4.0, alpha=alpha, **kwargs)
 
 
 def _batch(n: int = 6):
@@ -148,13 +151,152 @@ def _grad_owners(d: StableKD) -> set[str]:
         (2, "s3_b0-3_kd", {"block0", "block1", "block2", "block3"}),
     ],
 )
-def test_gradients_stay_inside_their_group(stage, name, owners):
-    d = _distiller()
+def test_gradients_stay_inside_their_group_on_teacher_inputs(stage, name, owners):
+    d = _distiller(block_input="teacher")
     d.on_epoch_start(stage)
     _, losses = d.training_step(_batch())
     d.zero_grad(set_to_none=True)
     losses[name].backward()
     assert _grad_owners(d) == owners
+
+
+@pytest.mark.parametrize(
+    "stage,name,owners",
+    [
+        (0, "s1_b0_feat", {"block0", "out1"}),
+        (0, "s1_b1_feat", {"block1", "out2"}),
+        (0, "s1_b2_feat", {"block2", "out3"}),
+        (0, "s1_b3_kd", {"block3"}),
+        (1, "s2_b0-1_feat", {"block0", "block1", "out2"}),
+        (1, "s2_b2-3_kd", {"block2", "block3"}),
+        (2, "s3_b0-3_kd", {"block0", "block1", "block2", "block3"}),
+    ],
+)
+def test_gradients_stay_inside_their_group_on_student_inputs(stage, name, owners):
+    d = _distiller(block_input="student")
+    d.on_epoch_start(stage)
+    _, losses = d.training_step(_batch())
+    d.zero_grad(set_to_none=True)
+    losses[name].backward()
+    assert _grad_owners(d) == owners
+
+
+def test_student_inputs_chain_the_plain_student():
+    """On its own features every group sees what it sees in the plain student at test time."""
+    d = _distiller(block_input="student")
+    x, y, idx = _batch()
+    d.eval()  # BN on running statistics: the chained groups must equal one plain forward
+    with torch.no_grad():
+        plain = d.student(x)
+    for stage in range(3):
+        d.set_stage(stage)
+        with torch.no_grad():
+            logits, _ = d.training_step((x, y, idx))
+        assert torch.allclose(logits, plain, atol=1e-5), stage
+    t = _distiller(block_input="teacher")
+    t.eval()
+    t.set_stage(0)
+    with torch.no_grad():
+        logits, _ = t.training_step((x, y, idx))
+    assert not torch.allclose(logits, t.student(x), atol=1e-3)
+
+
+def test_anneal_moves_group_inputs_from_teacher_to_student_features():
+    d = _distiller(stage_epochs=(2, 2, 1), block_input="anneal")
+    shares = []
+    for epoch in range(5):
+        d.on_epoch_start(epoch)
+        shares.append(d.student_input_share)
+    assert shares == [0.0, 0.25, 0.5, 0.75, 1.0]
+    d.on_epoch_start(1)  # a quarter of the way: the in-connectors still get gradients
+    _, losses = d.training_step(_batch())
+    d.zero_grad(set_to_none=True)
+    losses["s1_b1_feat"].backward()
+    assert _grad_owners(d) == {"in1", "block1", "out2"}
+    d.set_stage(0)  # set_stage alone starts the stage at its first epoch
+    assert d.student_input_share == 0.0
+    assert _distiller(block_input="student").student_input_share == 1.0
+
+
+def test_inner_feature_losses_in_merged_groups():
+    d = _distiller(inner_feat_weight=0.5)
+    names = []
+    for stage in range(3):
+        d.set_stage(stage)
+        _, losses = d.training_step(_batch())
+        names.append(set(losses))
+    assert names[0] == {"s1_b0_feat", "s1_b1_feat", "s1_b2_feat", "s1_b3_kd", "s1_b3_ce"}
+    assert names[1] == {
+        "s2_b0-1_feat1",
+        "s2_b0-1_feat",
+        "s2_b2-3_feat3",
+        "s2_b2-3_kd",
+        "s2_b2-3_ce",
+    }
+    assert names[2] == {
+        "s3_b0-3_feat1",
+        "s3_b0-3_feat2",
+        "s3_b0-3_feat3",
+        "s3_b0-3_kd",
+        "s3_b0-3_ce",
+    }
+    # the inner terms are the weighted feature losses at those boundaries (same weights and BN
+    # statistics: fresh distillers in eval mode)
+    d, plain = _distiller(inner_feat_weight=0.5), _distiller()
+    d.eval()
+    plain.eval()
+    plain.set_stage(0)
+    _, ref = plain.training_step(_batch())
+    d.set_stage(2)
+    _, got = d.training_step(_batch())
+    assert torch.allclose(got["s3_b0-3_feat1"], 0.5 * ref["s1_b0_feat"], atol=1e-6)
+    d.zero_grad(set_to_none=True)
+    got["s3_b0-3_feat2"].backward()
+    assert _grad_owners(d) == {"block0", "block1", "out2"}
+
+
+def test_feature_loss_is_normalised_per_channel():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 3, 4, 4, generator=g)
+    s = torch.randn(8, 3, 4, 4, generator=g)
+    scale = torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1)
+    base = feature_loss(s, t)
+    # scaling a channel of both sides leaves the normalised loss unchanged, not plain MSE
+    assert torch.allclose(feature_loss(s * scale, t * scale), base, rtol=1e-5)
+    assert not torch.allclose(feature_loss(s * scale, t * scale, "mse"), feature_loss(s, t, "mse"))
+    var = t.var(dim=(0, 2, 3), unbiased=False).view(1, 3, 1, 1)
+    assert torch.allclose(base, ((s - t) ** 2 / var).mean(), rtol=1e-5)
+    # a channel constant over the batch (a dead ReLU) is bounded, not divided by ~0
+    dead = t.clone()
+    dead[:, 0] = 0.0
+    assert feature_loss(s, dead) < 1e3
+    # vectors (N, D) and tokens (N, L, D): the channel is the last dim
+    v = torch.randn(16, 5, generator=g)
+    assert torch.allclose(feature_loss(v * 3, v * 3 + 3), feature_loss(v, v + 1), rtol=1e-5)
+    tok = torch.randn(4, 6, 5, generator=g)
+    assert torch.allclose(feature_loss(tok * 2, tok * 2 + 2), feature_loss(tok, tok + 1), rtol=1e-5)
+    with pytest.raises(ValueError, match="feature loss"):
+        feature_loss(s, t, "l1")
+
+
+def test_out_connector_always_learns_a_map_at_equal_shapes():
+    auto = _distiller(student="cnn_small")  # resnet8 and cnn_small agree at every boundary
+    assert all(isinstance(c, torch.nn.Identity) for c in auto.out_connectors.values())
+    always = _distiller(student="cnn_small", out_connector="always")
+    assert all(isinstance(c, Connector) for c in always.out_connectors.values())
+    assert all(isinstance(c, torch.nn.Identity) for c in always.in_connectors.values())
+
+
+def test_new_options_are_validated():
+    base = {"method": "stablekd", "teacher": "x"}
+    for key, value in (
+        ("block_input", "both"),
+        ("feat_loss", "l1"),
+        ("out_connector", "never"),
+        ("inner_feat_weight", -1.0),
+    ):
+        with pytest.raises(ConfigError, match=f"options.{key}"):
+            config_from_dict({**base, "options": {key: value}})
 
 
 # -- runs on digits ------------------------------------------------------------------------------
@@ -273,3 +415,59 @@ def test_end_to_end_on_digits_with_connectors_left_out_of_the_student(teacher_di
     assert type(model) is type(plain)
     assert os.path.isfile(out / "config.yaml")
     assert load_config(out / "config.yaml").options["stage_epochs"] == [1, 1, 1]
+
+
+# -- the Fashion-MNIST benchmark's bookkeeping ---------------------------------------------------
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "stablekd_fmnist_bench", ROOT / "benchmarks" / "stablekd_fmnist.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_writes_partial_results_as_runs_finish(tmp_path):
+    bench = _bench()
+    args = bench.parse_args(
+        ["--epochs", "6", "--stage-epochs", "1,1,4", "--seeds", "0,1", "--skip-kt", "--jobs", "3"]
+    )
+    base = {"dataset": "fashion-mnist", "device": args.device}
+    methods, runs, notes = bench.build_runs(args, base, tmp_path / "teacher", tmp_path)
+    assert [(n, s) for n, s, _, _ in runs][:4] == [
+        ("student", 0),
+        ("student", 1),
+        ("kd", 0),
+        ("kd", 1),
+    ]
+    assert len(runs) == 10 and notes == ["kernel-thinning subsets skipped (--skip-kt)"]
+    opts = methods["stablekd"]["options"]
+    assert opts["stage_epochs"] == [1, 1, 4]
+    curve = {"epochs": [1, 2], "acc": [50.0, 80.0], "seconds": [1.0, 2.0], "final": 80.0}
+    results = {"kd": {1: {**curve, "train_samples": 10}}}
+    text = bench.report(args, methods, results, 90.0, notes, tmp_path, len(runs))
+    assert "partial: 1 of 10 runs finished" in text
+    assert (tmp_path / "report.md").read_text() == text + "\n"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["finished"] == 1 and saved["table"]["kd"]["seeds"] == [1]
+    results["stablekd"] = {0: {**curve, "acc": [81.0, 82.0], "final": 82.0, "train_samples": 10}}
+    text = bench.report(args, methods, results, 90.0, notes, tmp_path, len(runs))
+    assert "| stablekd | 100% | 82.00 +- 0.00 | 1.0 (1/1 seeds) | 1 |" in text
+    assert json.loads((tmp_path / "results.json").read_text())["finished"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+    only = bench.parse_args(["--only", "kd,stablekd", "--seeds", "0"])
+    _, runs, _ = bench.build_runs(only, base, tmp_path / "teacher", tmp_path)
+    assert [n for n, _, _, _ in runs] == ["kd", "stablekd"]
+    with pytest.raises(SystemExit):
+        bench.build_runs(bench.parse_args(["--only", "kdd"]), base, tmp_path, tmp_path)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--epochs", "6", "--stage-epochs", "2,2,3"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--stablekd-options", "[1]"])
+    # a failing run comes back as text for the parent to report, not as an exception
+    bad = bench._run_job({"method": "nope", "out_dir": str(tmp_path / "bad")}, None)
+    assert "error" in bad and "nope" in bad["error"]
+    assert bench.register_limited(10, 5) == bench.register_limited(10, 5) == bench.LIMITED
