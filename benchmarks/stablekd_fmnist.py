@@ -11,22 +11,32 @@ one student architecture, `--seeds` student seeds. Runs per seed:
 - `kd_kt40`, `stablekd_kt40`: on a kernel-thinning subset (`subset.method=kt`), skipped with a
   note when `distillkit.data.subset` cannot be imported.
 
-Every run has the same epochs, optimizer and LR schedule. Reports (markdown on stdout and in
-`OUT/results.md`, raw numbers in `OUT/results.json`, curves in `OUT/stablekd_fmnist.png`):
-test accuracy (mean +- std over seeds) vs epoch and vs wall time; epochs and seconds each method
-needs to reach end-to-end KD's final accuracy (mean over seeds of the first epoch at or above the
-mean final KD accuracy); and final accuracy with 40% of the data against KD with 100%.
+Every run has the same epochs, optimizer and LR schedule. The runs are independent: `--jobs N`
+runs N of them at a time in worker processes (spawn, one torch thread each on a CPU; on a GPU
+they share it). Reports (markdown on stdout and in `OUT/report.md`, raw numbers in
+`OUT/results.json`, curves in `OUT/stablekd_fmnist.png`): test accuracy (mean +- std over seeds)
+vs epoch and vs wall time; epochs and seconds each method needs to reach end-to-end KD's final
+accuracy (mean over seeds of the first epoch at or above the mean final KD accuracy); and final
+accuracy with 40% of the data against KD with 100%. The report and the JSON are rewritten as
+every run finishes, so a killed benchmark leaves the finished runs' numbers; run directories
+under `OUT/runs` with a `metrics.json` are reused by the next invocation.
 
-    python benchmarks/stablekd_fmnist.py                 # full: 15 epochs (5+5+5), 3 seeds
-    python benchmarks/stablekd_fmnist.py --smoke         # a few minutes on a CPU: tiny everything
+    python benchmarks/stablekd_fmnist.py                 # full: 15 epochs (3+3+9), 3 seeds
+    python benchmarks/stablekd_fmnist.py --smoke         # a minute on a CPU: tiny everything
+    python benchmarks/stablekd_fmnist.py --device cuda --jobs 16   # a GPU with 16 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +44,21 @@ import numpy as np
 import torch
 
 from distillkit.config import config_from_dict
-from distillkit.data.datasets import DataBundle, Split, load_dataset, register_dataset
+from distillkit.data.datasets import (
+    DataBundle,
+    Split,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 from distillkit.engine.logging import read_metrics
 from distillkit.runner import _execute, _write_run_files, prepare, run
 
 LIMITED = "fashion-mnist-limited"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``--smoke`` shrinks everything to a pipeline check."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -52,9 +69,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--student-model", default="cnn_small")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--stage-epochs", default="5,5,5", help="must sum to --epochs")
+    p.add_argument("--stage-epochs", default="3,3,9", help="must sum to --epochs")
     p.add_argument("--blocks-per-stage", default="4,2,1")
     p.add_argument("--feat-weight", type=float, default=1.0)
+    p.add_argument(
+        "--stablekd-options",
+        default="{}",
+        help='more StableKD options as JSON, e.g. \'{"block_input": "teacher"}\'',
+    )
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--fraction", type=float, default=0.4)
@@ -64,9 +86,17 @@ def parse_args() -> argparse.Namespace:
         "--train-limit", type=int, default=0, help="use the first N train images (0: all)"
     )
     p.add_argument("--test-limit", type=int, default=0, help="use the first N test images (0: all)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each in its own worker process"
+    )
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated run names to do (default: all), e.g. kd,stablekd",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes to check the pipeline")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.smoke:
         args.teacher_model, args.teacher_epochs = "cnn_medium", 3
         args.epochs, args.stage_epochs, args.seeds = 3, "1,1,1", "0"
@@ -74,19 +104,31 @@ def parse_args() -> argparse.Namespace:
     stage_epochs = [int(e) for e in args.stage_epochs.split(",")]
     if sum(stage_epochs) != args.epochs:
         p.error(f"--stage-epochs {args.stage_epochs} must sum to --epochs {args.epochs}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        extra = json.loads(args.stablekd_options)
+    except json.JSONDecodeError as exc:
+        p.error(f"--stablekd-options is not JSON: {exc}")
+    if not isinstance(extra, dict):
+        p.error("--stablekd-options must be a JSON object")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
     return args
 
 
-def register_limited(args: argparse.Namespace) -> str:
+def register_limited(train_limit: int, test_limit: int) -> str:
     """The dataset name to train on: Fashion-MNIST, or its first N train / M test images."""
-    if not args.train_limit and not args.test_limit:
+    if not train_limit and not test_limit:
         return "fashion-mnist"
+    if LIMITED in list_datasets():  # a worker process that already registered it
+        return LIMITED
 
     @register_dataset(LIMITED)
     def _load(data_dir: str | None = None, image_size: int | None = None) -> DataBundle:
         full = load_dataset("fashion-mnist", data_dir=data_dir, image_size=image_size)
-        n = args.train_limit or len(full.train)
-        m = args.test_limit or len(full.test)
+        n = train_limit or len(full.train)
+        m = test_limit or len(full.test)
         full.train = Split(full.train.images[:n], full.train.labels[:n])
         full.test = Split(full.test.images[:m], full.test.labels[:m])
         full.name = LIMITED
@@ -127,13 +169,28 @@ def run_spec(spec: dict[str, Any], own_random_subset: float | None = None) -> di
     return {
         "epochs": [r["epoch"] for r in rows],
         "acc": [r["test_acc"] for r in rows],
-        "seconds": list(np.cumsum([r["epoch_time"] for r in rows])),
+        "seconds": [float(v) for v in np.cumsum([r["epoch_time"] for r in rows])],
         "final": summary["test_acc"],
         "train_samples": summary["train_samples"],
     }
 
 
+def _init_worker(train_limit: int, test_limit: int) -> None:
+    """Worker set-up: one torch thread (the workers share the cores), the limited dataset."""
+    torch.set_num_threads(1)
+    register_limited(train_limit, test_limit)
+
+
+def _run_job(spec: dict[str, Any], own: float | None) -> dict[str, Any]:
+    """One run in a worker; errors come back as text so one failure does not stop the rest."""
+    try:
+        return {"curve": run_spec(spec, own)}
+    except Exception:  # noqa: BLE001 - reported with the run's name by the parent
+        return {"error": traceback.format_exc()}
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population std (0 for a single value)."""
     return statistics.mean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
@@ -146,6 +203,7 @@ def time_to(curve: dict[str, Any], target: float) -> tuple[int | None, float | N
 
 
 def plot(results: dict[str, list[dict]], args: argparse.Namespace, path: Path) -> None:
+    """Test accuracy vs epoch and wall time (100% data), and the subsets against KD 100%."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,7 +233,8 @@ def plot(results: dict[str, list[dict]], args: argparse.Namespace, path: Path) -
         ax.set_xlabel("epoch" if xkey == "epochs" else "wall time (s, train + eval)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if methods:
+            ax.legend(fontsize=8)
     axes[0].set_title("100% data, vs epoch (dotted: stage boundaries)")
     axes[1].set_title("100% data, vs wall time")
     axes[2].set_title(f"{args.fraction:.0%} subsets vs KD 100%")
@@ -188,40 +247,10 @@ def plot(results: dict[str, list[dict]], args: argparse.Namespace, path: Path) -
     plt.close(fig)
 
 
-def main() -> int:
-    args = parse_args()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "4"))))
-    out = Path(args.out)
-    dataset = register_limited(args)
-    base = {
-        "dataset": dataset,
-        "data_dir": args.data_dir,
-        "device": args.device,
-        "quiet": True,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup_epochs": 1.0 if args.epochs > 3 else 0.0,
-    }
-    teacher_dir = Path(args.teacher) if args.teacher else out / "teacher"
-    if not (teacher_dir / "metrics.json").is_file():
-        if args.teacher:
-            raise SystemExit(f"--teacher {teacher_dir} has no metrics.json (not a finished run)")
-        run_spec(
-            {
-                **base,
-                "name": "teacher",
-                "method": "ce",
-                "model": args.teacher_model,
-                "epochs": args.teacher_epochs,
-                "out_dir": str(teacher_dir),
-            }
-        )
-    teacher_summary = json.loads((teacher_dir / "metrics.json").read_text())
-    teacher_acc = teacher_summary["test_acc"]
-    args.teacher_model = teacher_summary.get(
-        "model", args.teacher_model
-    )  # a reused teacher's own name
-
+def build_runs(
+    args: argparse.Namespace, base: dict[str, Any], teacher_dir: Path, out: Path
+) -> tuple[dict[str, dict[str, Any]], list[tuple[str, int, dict[str, Any], float | None]], list]:
+    """The methods, every (method, seed) run spec in report order, and notes."""
     try:
         import distillkit.data.subset  # noqa: F401
 
@@ -233,6 +262,7 @@ def main() -> int:
         "blocks_per_stage": [int(b) for b in args.blocks_per_stage.split(",")],
         "stage_epochs": [int(e) for e in args.stage_epochs.split(",")],
         "feat_weight": args.feat_weight,
+        **json.loads(args.stablekd_options),
     }
     methods: dict[str, dict[str, Any]] = {
         "student": {"method": "ce"},
@@ -255,9 +285,14 @@ def main() -> int:
                 **methods[m],
                 "subset": {"method": "kt", "fraction": args.fraction},
             }
-
-    results: dict[str, list[dict]] = {}
+    only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(only) - set(methods))
+    if unknown:
+        raise SystemExit(f"--only: unknown run names {unknown}; known: {', '.join(methods)}")
+    runs = []
     for name, extra in methods.items():
+        if only and name not in only:
+            continue
         for seed in [int(s) for s in args.seeds.split(",")]:
             spec = {
                 **base,
@@ -273,64 +308,180 @@ def main() -> int:
             own = None
             if "subset" in extra and not have_subset:
                 own = spec.pop("subset")["fraction"]  # the runner would need data.subset
-            curve = run_spec(spec, own)
-            results.setdefault(name, []).append(curve)
-            print(
-                f"{name} seed {seed}: final acc {curve['final']:.2f} "
-                f"({curve['train_samples']} train images, {curve['seconds'][-1]:.0f}s)",
-                flush=True,
-            )
+            runs.append((name, seed, spec, own))
+    return methods, runs, notes
 
-    target = statistics.mean(c["final"] for c in results["kd"])
+
+def report(
+    args: argparse.Namespace,
+    methods: dict[str, dict[str, Any]],
+    results: dict[str, dict[int, dict]],
+    teacher_acc: float,
+    notes: list[str],
+    out: Path,
+    expected: int,
+) -> str:
+    """Write OUT/report.md and OUT/results.json from the runs finished so far; return the text."""
+    pct = int(round(args.fraction * 100))
+    curves = {
+        name: [results[name][s] for s in sorted(results[name])]
+        for name in methods
+        if results.get(name)
+    }
+    done = sum(len(c) for c in curves.values())
+    target = statistics.mean(c["final"] for c in curves["kd"]) if "kd" in curves else None
+    opts = methods["stablekd"]["options"]
     lines = [
         f"teacher {args.teacher_model}: test acc {teacher_acc:.2f}; student {args.student_model}; "
-        f"{args.epochs} epochs; StableKD stages {stablekd_opts['blocks_per_stage']} blocks x "
-        f"{stablekd_opts['stage_epochs']} epochs; seeds {args.seeds}",
+        f"{args.epochs} epochs; StableKD stages {opts['blocks_per_stage']} blocks x "
+        f"{opts['stage_epochs']} epochs; seeds {args.seeds}; device {args.device}, "
+        f"{args.jobs} job(s)",
         "",
         "| run | data | final test acc (mean +- std) | epochs to KD's final acc | "
         "seconds to KD's final acc |",
         "|---|---|---|---|---|",
     ]
     table = {}
-    for name, curves in results.items():
-        mu, sd = mean_std([c["final"] for c in curves])
-        reach = [time_to(c, target) for c in curves]
+    for name, cs in curves.items():
+        mu, sd = mean_std([c["final"] for c in cs])
+        reach = [time_to(c, target) for c in cs] if target is not None else []
         hit = [r for r in reach if r[0] is not None]
-        if hit:
-            ep = f"{statistics.mean(r[0] for r in hit):.1f} ({len(hit)}/{len(curves)} seeds)"
+        if target is None:
+            ep = sec = "n/a (no KD run yet)"
+        elif hit:
+            ep = f"{statistics.mean(r[0] for r in hit):.1f} ({len(hit)}/{len(cs)} seeds)"
             sec = f"{statistics.mean(r[1] for r in hit):.0f}"
         else:
             ep = sec = "not reached"
-        frac = (
-            "100%"
-            if "subset" not in methods[name]
-            else f"{pct}% {methods[name]['subset']['method']}"
-        )
+        sub = methods[name].get("subset")
+        frac = "100%" if sub is None else f"{pct}% {sub['method']}"
         lines.append(f"| {name} | {frac} | {mu:.2f} +- {sd:.2f} | {ep} | {sec} |")
-        table[name] = {"final_mean": mu, "final_std": sd, "reach": reach, "data": frac}
-    lines += ["", f"target (KD 100% final, mean over seeds): {target:.2f}"]
+        table[name] = {
+            "final_mean": mu,
+            "final_std": sd,
+            "seeds": sorted(results[name]),
+            "reach": reach,
+            "data": frac,
+        }
+    lines.append("")
+    if target is not None:
+        lines.append(f"target (KD 100% final, mean over seeds): {target:.2f}")
+    if done < expected:
+        lines.append(f"partial: {done} of {expected} runs finished")
+    if args.jobs > 1:
+        lines.append("note: runs shared the machine, so their seconds include that contention")
     lines += [f"note: {n}" for n in notes]
-    report = "\n".join(lines)
-    print("\n" + report)
+    text = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(report + "\n")
-    (out / "results.json").write_text(
-        json.dumps(
+    payload = {
+        "args": vars(args),
+        "teacher_acc": teacher_acc,
+        "target": target,
+        "finished": done,
+        "expected": expected,
+        "table": table,
+        "curves": curves,
+        "notes": notes,
+    }
+    # write then rename, so a kill mid-write never leaves a truncated file
+    for fname, content in (
+        ("report.md", text + "\n"),
+        ("results.json", json.dumps(payload, indent=1, default=float)),
+    ):
+        tmp = out / (fname + ".tmp")
+        tmp.write_text(content)
+        os.replace(tmp, out / fname)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the teacher if needed, run every (method, fraction, seed), report."""
+    args = parse_args(argv)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "4"))
+    torch.set_num_threads(max(1, threads if args.jobs == 1 else 1))
+    out = Path(args.out)
+    dataset = register_limited(args.train_limit, args.test_limit)
+    base = {
+        "dataset": dataset,
+        "data_dir": args.data_dir,
+        "device": args.device,
+        "quiet": True,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup_epochs": 1.0 if args.epochs > 3 else 0.0,
+    }
+    teacher_dir = Path(args.teacher) if args.teacher else out / "teacher"
+    if not (teacher_dir / "metrics.json").is_file():
+        if args.teacher:
+            raise SystemExit(f"--teacher {teacher_dir} has no metrics.json (not a finished run)")
+        t0 = time.perf_counter()
+        run_spec(
             {
-                "args": vars(args),
-                "teacher_acc": teacher_acc,
-                "target": target,
-                "table": table,
-                "curves": results,
-            },
-            indent=1,
-            default=float,
+                **base,
+                "name": "teacher",
+                "method": "ce",
+                "model": args.teacher_model,
+                "epochs": args.teacher_epochs,
+                "out_dir": str(teacher_dir),
+            }
         )
-    )
+        print(f"teacher trained in {time.perf_counter() - t0:.0f}s", flush=True)
+    teacher_summary = json.loads((teacher_dir / "metrics.json").read_text())
+    teacher_acc = teacher_summary["test_acc"]
+    args.teacher_model = teacher_summary.get("model", args.teacher_model)  # a reused teacher's
+
+    methods, runs, notes = build_runs(args, base, teacher_dir, out)
+    results: dict[str, dict[int, dict]] = {}
+    failed: list[str] = []
+
+    def finished(name: str, seed: int, outcome: dict[str, Any]) -> None:
+        if "error" in outcome:
+            failed.append(f"{name}_s{seed}")
+            print(f"{name} seed {seed}: FAILED\n{outcome['error']}", file=sys.stderr, flush=True)
+            return
+        curve = outcome["curve"]
+        results.setdefault(name, {})[seed] = curve
+        print(
+            f"{name} seed {seed}: final acc {curve['final']:.2f} "
+            f"({curve['train_samples']} train images, {curve['seconds'][-1]:.0f}s)",
+            flush=True,
+        )
+        report(args, methods, results, teacher_acc, notes, out, len(runs))
+
+    t0 = time.perf_counter()
+    if args.jobs == 1:
+        for name, seed, spec, own in runs:
+            finished(name, seed, _run_job(spec, own))
+    else:
+        # the workers inherit this, so OpenMP starts with one thread in each of them
+        os.environ["OMP_NUM_THREADS"] = "1"
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=args.jobs,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(args.train_limit, args.test_limit),
+        ) as pool:
+            pending = {
+                pool.submit(_run_job, spec, own): (name, seed) for name, seed, spec, own in runs
+            }
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    name, seed = pending.pop(fut)
+                    finished(name, seed, fut.result())
+    notes.append(f"all runs took {time.perf_counter() - t0:.0f}s wall time")
+    if failed:
+        notes.append(f"failed runs: {', '.join(failed)}")
+    text = report(args, methods, results, teacher_acc, notes, out, len(runs))
+    print("\n" + text)
     png = out / "stablekd_fmnist.png"
-    plot(results, args, png)
-    print(f"\nwrote {png}, {out / 'results.md'}, {out / 'results.json'}")
-    return 0
+    if results:
+        plot(
+            {name: [results[name][s] for s in sorted(results[name])] for name in results}, args, png
+        )
+        print(f"\nwrote {png}, {out / 'report.md'}, {out / 'results.json'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
