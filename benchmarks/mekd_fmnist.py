@@ -10,8 +10,10 @@ Setting (after MEKD, Lin et al. CVPR 2024):
 - every black-box run gets a fresh API key whose server-side budget equals the run's budget.
 
 Methods per budget and seed: black-box KD on the edge images (soft answers), hard-label training on
-the edge images, MEKD with soft answers, MEKD with hard answers; and white-box KD on the edge images
-(local teacher, unlimited queries) as the upper reference. Reports test accuracy (mean +- std over
+the edge images, MEKD with soft answers, MEKD with hard answers (the paper: distillation on
+generated images only), the same two with `edge_share` (`--edge-share` of each distillation batch
+from answered edge images, the rest of the budget on generated ones: `mekd_*_edge`); and white-box
+KD on the edge images (local teacher, unlimited queries) as the upper reference. Reports test accuracy (mean +- std over
 seeds), images the teacher answered, and MB exchanged over HTTP.
 
 MEKD runs use `--gan-steps-per-batch` D/G updates per batch, a constant learning rate (a cosine
@@ -67,20 +69,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=60, help="student epochs (MEKD: GAN + distill)")
     p.add_argument("--gan-epochs", type=int, default=30)
     p.add_argument("--gan-steps-per-batch", type=int, default=5)
+    p.add_argument("--gen-width", type=int, default=128, help="generator/discriminator width")
+    p.add_argument("--edge-share", type=float, default=0.5, help="for the *_edge MEKD variants")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (worker processes)")
     p.add_argument("--report-only", action="store_true", help="print the table of OUT/runs.jsonl")
     p.add_argument("--budgets", default="5000,20000,100000")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--edge-fraction", type=float, default=0.1)
     p.add_argument("--skew", type=float, default=5.0)
-    p.add_argument("--methods", default="blackbox_kd,blackbox_hard,mekd_soft,mekd_hard,whitebox_kd")
+    p.add_argument(
+        "--methods",
+        default="blackbox_kd,blackbox_hard,mekd_soft,mekd_hard,mekd_soft_edge,mekd_hard_edge,"
+        "whitebox_kd",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny sizes to check the pipeline")
     args = p.parse_args()
     if args.smoke:
         args.teacher_model, args.teacher_epochs = "mlp", 1
         args.student_model, args.epochs, args.gan_epochs = "mlp", 2, 1
-        args.gan_steps_per_batch = 1
+        args.gan_steps_per_batch, args.gen_width = 1, 16
         args.budgets, args.seeds, args.edge_fraction = "300", "0", 0.01
     return args
 
@@ -164,7 +172,15 @@ def table(rows: list[dict]) -> list[dict]:
     return out
 
 
-METHOD_ORDER = ["blackbox_kd", "blackbox_hard", "mekd_soft", "mekd_hard", "whitebox_kd"]
+METHOD_ORDER = [
+    "blackbox_kd",
+    "blackbox_hard",
+    "mekd_soft",
+    "mekd_hard",
+    "mekd_soft_edge",
+    "mekd_hard_edge",
+    "whitebox_kd",
+]
 
 
 def report(out: Path, teacher_acc: float | None, args: argparse.Namespace) -> str:
@@ -261,7 +277,7 @@ def main() -> int:
                     spec.update(method="kd", teacher=str(teacher_dir))
                     job["budget"] = "any"
                 else:
-                    kind = "hard" if method in ("blackbox_hard", "mekd_hard") else "soft"
+                    kind = "hard" if "hard" in method else "soft"
                     job["api_key"] = keys[kind].add(name, budget=budget)
                     opts = {"teacher_url": servers[kind].url, "budget": budget}
                     if method.startswith("mekd"):
@@ -270,6 +286,8 @@ def main() -> int:
                             gan_epochs=args.gan_epochs,
                             gan_steps_per_batch=args.gan_steps_per_batch,
                             gan_query_fraction=0.3,
+                            gen_width=args.gen_width,
+                            edge_share=args.edge_share if method.endswith("_edge") else 0.0,
                         )
                     else:
                         spec["method"] = method

@@ -196,6 +196,45 @@ def test_distill_phase_trains_student_through_frozen_generator(teacher_dir, bund
     assert m.spent == 100 == m.teacher.queries
 
 
+def test_edge_share_spends_part_of_the_budget_on_edge_images(teacher_dir, bundle):
+    torch.manual_seed(0)
+    m = _mekd(teacher_dir, bundle, budget=100, edge_share=0.25)
+    m.train()
+    m.on_epoch_start(1)
+    m.train()
+    _, losses = _step(m, torch.randn(32, 1, 8, 8))
+    assert set(losses) == {"align", "kl"}
+    # a quarter of the remaining budget on edge images, the rest on generated ones, spent once
+    assert len(m.edge_idx) == 25 and len(m.pool_z) == 75 and m.spent == 100
+    assert len(set(m.edge_idx.tolist())) == 25
+    # the stored targets are the teacher's answers for those very edge images (log-probabilities
+    # of the returned probabilities, so compared as probabilities: tiny ones are floored)
+    model, _ = model_from_checkpoint(teacher_dir)
+    x = (bundle.train.images[m.edge_idx].float() / 255.0 - bundle.mean[0]) / bundle.std[0]
+    with torch.no_grad():
+        expected = torch.softmax(model(x).float(), dim=1)
+    torch.testing.assert_close(m.edge_t.exp(), expected, atol=1e-5, rtol=1e-4)
+    # a resumed run gets the same pools back and spends nothing more
+    state = m.extra_state()
+    fresh = _mekd(teacher_dir, bundle, budget=100, edge_share=0.25)
+    fresh.load_extra_state(state)
+    assert torch.equal(fresh.edge_idx, m.edge_idx) and torch.equal(fresh.edge_t, m.edge_t)
+    fresh.on_epoch_start(1)
+    _step(fresh, torch.randn(32, 1, 8, 8))
+    assert fresh.teacher.queries == 0
+
+
+def test_edge_share_one_distils_on_edge_images_only(teacher_dir, bundle):
+    m = _mekd(teacher_dir, bundle, budget=5000, edge_share=1.0)
+    m.on_epoch_start(1)
+    m.train()
+    _step(m, torch.randn(16, 1, 8, 8))
+    assert len(m.edge_idx) == len(bundle.train) == m.spent  # capped by the edge set
+    assert m.pool_t is None and len(m.pool_z) == 0
+    with pytest.raises(ValueError, match="edge_share"):
+        MEKDOptions(edge_share=1.5).validate()
+
+
 def test_transfer_set_is_drawn_class_balanced_unless_turned_off(teacher_dir, bundle):
     torch.manual_seed(0)
     for balance, share in ((True, 0.5), (False, 0.9)):

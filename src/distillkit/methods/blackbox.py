@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +139,12 @@ def response_target(out: TeacherOutput, kind: str) -> torch.Tensor:
     return out.log_probs().float()
 
 
+def choose_edge(images: torch.Tensor, size: int, method: str, seed: int) -> torch.Tensor:
+    """Indices of the `size` edge images (uint8, N x C x H x W) to spend the budget on."""
+    feats = images.reshape(len(images), -1).numpy().astype(np.float64) / 255.0
+    return torch.from_numpy(select_queries(feats, size, method, seed))
+
+
 class BudgetedDistiller(Distiller):
     """Shared machinery: counts every image sent, checkpoints extra state, monitors on edge data."""
 
@@ -180,6 +186,19 @@ class BudgetedDistiller(Distiller):
             if values[0] is not None:
                 fields[name] = torch.cat(values).to(x.device)
         return TeacherOutput(**fields)
+
+    def query_all(
+        self,
+        keys: torch.Tensor,
+        images_of: Callable[[torch.Tensor], torch.Tensor],
+        target_of: Callable[[TeacherOutput], torch.Tensor],
+        chunk: int = 1024,
+    ) -> torch.Tensor:
+        """Ask the teacher about images_of(part) for every chunk of keys; the targets, on the CPU."""
+        with torch.no_grad():
+            return torch.cat(
+                [target_of(self.query(images_of(part))).cpu() for part in keys.split(chunk)]
+            )
 
     @property
     def remaining(self) -> int | None:
@@ -253,13 +272,13 @@ class EdgePoolDistiller(BudgetedDistiller):
         size = n if self.remaining is None else min(n, self.remaining)
         if size < 1:
             raise BudgetExceededError("no query budget left to build the answered pool")
-        feats = self.edge.images.reshape(n, -1).numpy().astype(np.float64) / 255.0
-        idx = torch.from_numpy(select_queries(feats, size, self.options.query_selection, self.seed))
-        targets = []
-        for start in range(0, len(idx), 1024):
-            part = idx[start : start + 1024]
-            targets.append(response_target(self.query(self.edge_images(part, device)), self.kind))
-        self.pool_idx, self.pool_t = idx, torch.cat(targets).cpu()
+        idx = choose_edge(self.edge.images, size, self.options.query_selection, self.seed)
+        self.pool_t = self.query_all(
+            idx,
+            lambda part: self.edge_images(part, device),
+            lambda out: response_target(out, self.kind),
+        )
+        self.pool_idx = idx
 
     def extra_state(self) -> dict[str, Any]:
         """Spent count plus the answered pool."""

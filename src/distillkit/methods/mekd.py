@@ -32,6 +32,13 @@ Two additions to the paper, both on by default and both switchable off:
   1 / class count, from the answers already bought), so the classes the generator under-produces
   are not also under-taught. Together they took digits MEKD (soft, budget 5000) from 37% to 74%.
 
+One more option, off by default (the paper distils on generated images only): `edge_share` spends
+that share of the distillation budget on the edge's own images (chosen by `query_selection`, at
+most all of them, each asked once) and takes that share of every distillation batch from them,
+with the same align + KL loss; the rest of the budget buys generated images as above. Generated
+images then add to the edge set instead of replacing it (digits, same config, edge_share 0.5:
+98.4%, against 98.2% for black-box KD on the edge images alone).
+
 Optimisation: the generator and discriminator have their own Adam optimizers (lr 2e-4, betas
 (0.5, 0.999)), stepped inside `training_step` under `torch.enable_grad()` with autocast off; only
 the student's losses carry gradients back to the trainer, whose optimizer owns the student alone
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,12 +62,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.config import ConfigError
-from distillkit.data.transforms import normalize
+from distillkit.data.transforms import normalize, to_float
 from distillkit.methods.base import Batch
 from distillkit.methods.blackbox import (
     BlackBoxOptions,
     BudgetedDistiller,
     check_single_process,
+    choose_edge,
     make_teacher,
     select_queries,
     steps_per_epoch,
@@ -203,6 +212,7 @@ class MEKDOptions(BlackBoxOptions):
     align: str = "l1"  # l1 | l2
     transfer_size: int | None = None  # images in the distillation transfer set (default: rest)
     balance: bool = True  # draw the transfer set with equal weight per teacher class
+    edge_share: float = 0.0  # share of each distillation batch taken from answered edge images
     kt_oversample: int = 4  # query_selection=kt picks the transfer set from this many x candidates
     generator: str | None = None  # run dir of an earlier mekd run to take G and D from
 
@@ -234,6 +244,8 @@ class MEKDOptions(BlackBoxOptions):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"options.{name} must be >= 1 or null, got {value}")
+        if not 0.0 <= self.edge_share <= 1.0:
+            raise ValueError(f"options.edge_share must be in [0, 1], got {self.edge_share}")
         if self.kt_oversample < 1:
             raise ValueError(f"options.kt_oversample must be >= 1, got {self.kt_oversample}")
 
@@ -280,6 +292,9 @@ class MEKD(BudgetedDistiller):
         self.gan_spent = 0
         self.pool_z: torch.Tensor | None = None
         self.pool_t: torch.Tensor | None = None
+        self.edge = bundle.train
+        self.edge_idx: torch.Tensor | None = None
+        self.edge_t: torch.Tensor | None = None
 
     # -- helpers -----------------------------------------------------------------------------------
     def generate(self, z: torch.Tensor) -> torch.Tensor:
@@ -364,13 +379,23 @@ class MEKD(BudgetedDistiller):
             p.requires_grad_(False)
 
     def build_transfer_set(self, device: torch.device) -> None:
-        """Spend the remaining budget once on generated images (latents and answers kept)."""
+        """Spend the remaining budget once: answered edge images (edge_share) and generated ones."""
         left = self.remaining
         size = left if self.options.transfer_size is None else min(left, self.options.transfer_size)
         if size < 1:
             raise BudgetExceededError(
                 "no query budget left for MEKD's transfer set; lower options.gan_query_fraction"
             )
+        target = partial(teacher_vector, num_classes=self.num_classes)
+        if self.options.edge_share > 0:
+            n_edge = min(len(self.edge), max(1, round(self.options.edge_share * size)))
+            idx = choose_edge(self.edge.images, n_edge, self.options.query_selection, self.seed)
+            self.edge_t = self.query_all(idx, lambda part: self.edge_image(part, device), target)
+            self.edge_idx = idx
+            size -= n_edge
+        if self.options.edge_share >= 1.0 or size < 1:
+            self.pool_z, self.pool_t = torch.zeros(0, self.num_classes), None
+            return
         gen = torch.Generator().manual_seed(self.seed + 1)
         if self.options.query_selection == "kt" and self.options.kt_oversample > 1:
             cand = torch.randn(size * self.options.kt_oversample, self.num_classes, generator=gen)
@@ -382,12 +407,12 @@ class MEKD(BudgetedDistiller):
             z = cand[torch.from_numpy(idx)]
         else:
             z = torch.randn(size, self.num_classes, generator=gen)
-        answers = []
-        with torch.no_grad():
-            for part in z.split(1024):
-                out = self.query(self.generate(part.to(device)))
-                answers.append(teacher_vector(out, self.num_classes).cpu())
-        self.pool_z, self.pool_t = z, torch.cat(answers)
+        self.pool_t = self.query_all(z, lambda part: self.generate(part.to(device)), target)
+        self.pool_z = z
+
+    def edge_image(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Normalised edge images by index, as the teacher was asked about them."""
+        return normalize(to_float(self.edge.images[idx.cpu()].to(device)), self.mean, self.std)
 
     def sample_pool(self, b: int) -> torch.Tensor:
         """Indices into the transfer set; with `balance`, each teacher class equally likely."""
@@ -397,12 +422,13 @@ class MEKD(BudgetedDistiller):
         return torch.multinomial(class_balance_weights(self.pool_t.argmax(1)), b, replacement=True)
 
     def distill_losses(self, b: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """MEKD's distillation loss on b generated images."""
+        """MEKD's distillation loss on b images: generated, plus answered edge images by edge_share."""
         self.freeze_generator()
         if (
             self.pool_z is None
             and self.options.budget is None
             and self.options.transfer_size is None
+            and self.options.edge_share == 0
         ):
             z = torch.randn(b, self.num_classes, device=device)
             with torch.no_grad():
@@ -411,10 +437,19 @@ class MEKD(BudgetedDistiller):
         else:
             if self.pool_z is None:
                 self.build_transfer_set(device)
-            sel = self.sample_pool(b)
-            with torch.no_grad():
-                xg = self.generate(self.pool_z[sel].to(device))
-            t = self.pool_t[sel].to(device)
+            parts_x, parts_t = [], []
+            b_edge = 0
+            if self.edge_idx is not None:
+                b_edge = b if self.pool_t is None else round(self.options.edge_share * b)
+                sel = torch.randint(len(self.edge_idx), (b_edge,))
+                parts_x.append(self.edge_image(self.edge_idx[sel], device))
+                parts_t.append(self.edge_t[sel].to(device))
+            if b - b_edge > 0:
+                sel = self.sample_pool(b - b_edge)
+                with torch.no_grad():
+                    parts_x.append(self.generate(self.pool_z[sel].to(device)))
+                parts_t.append(self.pool_t[sel].to(device))
+            xg, t = torch.cat(parts_x), torch.cat(parts_t)
         s = self.student(xg)
         o = self.options
         return distill_loss(self.generator, s, t, o.tau, o.tau_g, o.beta, o.align)
@@ -449,6 +484,8 @@ class MEKD(BudgetedDistiller):
             "opt_d": self.opt_d.state_dict(),
             "pool_z": self.pool_z,
             "pool_t": self.pool_t,
+            "edge_idx": self.edge_idx,
+            "edge_t": self.edge_t,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -460,6 +497,7 @@ class MEKD(BudgetedDistiller):
             self.opt_g.load_state_dict(state["opt_g"])
             self.opt_d.load_state_dict(state["opt_d"])
         self.pool_z, self.pool_t = state.get("pool_z"), state.get("pool_t")
+        self.edge_idx, self.edge_t = state.get("edge_idx"), state.get("edge_t")
 
 
 @register_method(
