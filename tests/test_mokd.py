@@ -212,3 +212,67 @@ def test_trainer_rejects_uneven_global_batch(tmp_path):
     cfg = load_ssl_config(None, [*TINY_MOKD, "batch_size=15", f"out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="divisible"):
         SSLTrainer(cfg, tmp_path, torch.device("cpu"), DistContext(rank=0, world_size=2))
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mokd_fmnist.py"
+    spec = importlib.util.spec_from_file_location("mokd_fmnist_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_writes_partial_results_as_runs_finish(tmp_path):
+    bench = _bench_module()
+    args = bench.parse_args(["--smoke", "--device", "cuda", "--jobs", "3", "--out", str(tmp_path)])
+    assert (args.epochs, args.seeds, args.train_samples, args.jobs) == (1, "0", 256, 3)
+    assert bench.parse_args(["--epochs", "3"]).epochs == 3
+    runs = bench.runs_for_seed(args, 0)
+    assert set(runs) == {"mokd", "dino_vit", "dino_cnn"}
+    assert all(r["device"] == "cuda" and r["seed"] == 0 for r in runs.values())
+    # the ViT alone and inside MOKD use the same recipe, and so do the two CNNs
+    assert runs["dino_vit"]["a"] == runs["mokd"]["b"] and runs["dino_cnn"]["a"] == runs["mokd"]["a"]
+    for data in runs.values():  # every run config is valid
+        bench.ssl_config_from_dict({**data, "out_dir": str(tmp_path / "x")})
+
+    # two of six runs finished (one failed): the table has what is there, n says how much
+    per_run = {
+        "mokd_s1": {
+            "knn_acc_a": 80.0,
+            "linear_acc_a": 82.0,
+            "knn_acc_b": 70.0,
+            "linear_acc_b": 71.0,
+        },
+        "dino_cnn_s0": {"error": "Traceback ..."},
+    }
+    table = bench.write_outputs(tmp_path, args, [0, 1], per_run, 0.0)
+    assert (tmp_path / "report.md").read_text() == table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert "| 80.00 ± 0.00 | 82.00 ± 0.00 | 1 |" in rows["CNN (resnet8) with MOKD"]
+    assert "| 70.00 ± 0.00 | 71.00 ± 0.00 | 1 |" in rows["ViT (vit_tiny) with MOKD"]
+    assert "| - | - | 0 |" in rows["CNN (resnet8) DINO alone"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False
+    assert (saved["finished_runs"], saved["expected_runs"]) == (2, 6)
+    assert saved["results"]["vit_mokd"] == {"knn": [70.0], "linear": [71.0]}
+    assert "error" in saved["runs"]["dino_cnn_s0"]
+
+
+@pytest.mark.parametrize("config", ["configs/digits_dino.yaml", "configs/digits_mokd.yaml"])
+def test_digits_configs_build_and_take_one_step(config):
+    from pathlib import Path
+
+    from distillkit.data.datasets import load_dataset
+    from distillkit.methods.ssl import MultiCrop
+
+    cfg = load_ssl_config(Path(__file__).resolve().parents[1] / config, ["device=cpu"])
+    method = build_method(cfg, load_dataset("digits"))
+    crop = MultiCrop(cfg.global_size, cfg.local_size, cfg.local_crops_number)
+    views = crop(torch.rand(8, 1, 8, 8), torch.Generator().manual_seed(0))
+    losses = method.compute_losses(views, cfg.warmup_teacher_temp)
+    total = sum(sum(t.values()) for t in losses.values())
+    assert torch.isfinite(total)
+    total.backward()

@@ -272,3 +272,81 @@ def test_head_batchnorm_option_separates_samples():
     assert mean_cos(with_bn) < 0.5
     cfg = load_ssl_config(None, [*TINY, "head_bn=true"])
     assert cfg.head_bn
+
+
+def test_scale_lr_follows_the_batch_over_256_rule_in_the_trainer(tmp_path):
+    # TINY: 96 images / batch 32 = 3 steps per epoch, 2 epochs; lr 0.256 per 256 images -> 0.032
+    from distillkit.ssl_train import SSLTrainer
+
+    cfg = load_ssl_config(
+        None,
+        [
+            *TINY,
+            "a.lr=0.256",
+            "a.min_lr=0.0256",
+            "a.scale_lr=true",
+            "a.warmup_epochs=1",
+            "a.optimizer=adamw",
+            "a.weight_decay=0.04",
+            "a.weight_decay_end=0.4",
+        ],
+    )
+    assert cfg.a.effective_lr(32) == pytest.approx((0.032, 0.0032))
+    assert load_ssl_config(None, TINY).a.effective_lr(32) == (0.03, 0.0)
+    trainer = SSLTrainer(cfg, tmp_path, torch.device("cpu"))
+    expected = {
+        0: 0.032 / 3,  # linear warm-up over the first 3 steps: (step + 1) / 3
+        1: 0.032 * 2 / 3,
+        2: 0.032,
+        # cosine over the 3 steps after warm-up: 0.0032 + 0.0288 * (1 + cos(pi * k / 3)) / 2
+        4: 0.0032 + 0.0288 * 0.75,
+        5: 0.0032 + 0.0288 * 0.25,
+    }
+    for step, lr in expected.items():
+        trainer.step = step
+        assert trainer._set_schedules("a") == pytest.approx(lr)
+        groups = trainer.optimizers["a"].param_groups
+        assert groups[0]["lr"] == pytest.approx(lr) and groups[1]["lr"] == pytest.approx(lr)
+        # weight decay: cosine from 0.04 to 0.4 over all 6 steps, none on biases and norms
+        wd = 0.4 + (0.04 - 0.4) * (1 + math.cos(math.pi * step / 6)) / 2
+        assert groups[0]["weight_decay"] == pytest.approx(wd) and groups[1]["weight_decay"] == 0
+
+
+def test_head_bn_per_model_overrides_the_run_setting():
+    from distillkit.data.datasets import load_dataset
+    from distillkit.ssl_train import build_method
+
+    def n_bn(overrides: list[str]) -> int:
+        cfg = load_ssl_config(None, [*TINY, *overrides])
+        head = build_method(cfg, load_dataset("digits")).members["a"].student.head
+        return sum(isinstance(m, nn.BatchNorm1d) for m in head.modules())
+
+    assert n_bn(["head_bn=true"]) == 2  # head_layers 3: two hidden layers
+    assert n_bn(["head_bn=true", "a.head_bn=false"]) == 0
+    assert n_bn(["head_bn=false", "a.head_bn=true"]) == 2
+    assert n_bn([]) == 0
+
+
+def test_freeze_last_layer_holds_only_the_last_layer_in_the_first_epochs(tmp_path):
+    from distillkit.ssl_train import SSLTrainer
+
+    cfg = load_ssl_config(
+        None,
+        [*TINY, "a.freeze_last_layer=1", "a.optimizer=adamw", "a.lr=0.001", "a.warmup_epochs=0"],
+    )
+    trainer = SSLTrainer(cfg, tmp_path, torch.device("cpu"))
+    student = trainer.method.members["a"].student
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+    before = snapshot()
+    trainer.train_epoch()  # epoch 0: frozen (AdamW weight decay included)
+    after = snapshot()
+    assert torch.equal(before["head.last_layer.weight_v"], after["head.last_layer.weight_v"])
+    assert not torch.equal(before["head.mlp.0.weight"], after["head.mlp.0.weight"])
+    trainer.epoch = 1
+    trainer.train_epoch()
+    assert not torch.equal(
+        after["head.last_layer.weight_v"], snapshot()["head.last_layer.weight_v"]
+    )

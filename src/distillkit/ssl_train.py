@@ -87,6 +87,15 @@ class SSLModelConfig:
     cross_weight: float = 1.0  # MOKD lambda (paper: 1.0 for the CNN, 0.1 for the ViT)
     token_layer: str = "auto"  # tokens for the T-head: ViT final norm, else last hook layer
     norm_last_layer: bool = True
+    # BatchNorm in this model's head and T-head hidden layers; None: the run's `head_bn`
+    head_bn: bool | None = None
+    # DINO's linear scaling rule: `lr` and `min_lr` are per 256 images of the global batch
+    scale_lr: bool = False
+
+    def effective_lr(self, batch_size: int) -> tuple[float, float]:
+        """(base lr, final lr) for a global batch, after the optional batch/256 scaling."""
+        scale = batch_size / 256 if self.scale_lr else 1.0
+        return self.lr * scale, self.min_lr * scale
 
 
 @dataclass
@@ -304,6 +313,7 @@ def build_member(
         **mcfg.kwargs,
     )
     backbone = SSLBackbone(model, mcfg.token_layer, probe_size=global_size)
+    head_bn = cfg.head_bn if mcfg.head_bn is None else mcfg.head_bn
     head = DINOHead(
         backbone.embed_dim,
         cfg.out_dim,
@@ -311,7 +321,7 @@ def build_member(
         cfg.head_bottleneck,
         cfg.head_layers,
         mcfg.norm_last_layer,
-        cfg.head_bn,
+        head_bn,
     )
     thead = None
     if with_thead:
@@ -327,7 +337,7 @@ def build_member(
             cfg.thead_head_layers,
             cfg.head_hidden,
             cfg.head_bottleneck,
-            cfg.head_bn,
+            head_bn,
         )
     return SSLMember(SSLNetwork(backbone, head, thead), cfg.out_dim, mcfg.cross_weight)
 
@@ -519,7 +529,8 @@ class SSLTrainer:
     def _set_schedules(self, name: str) -> float:
         mcfg, opt = self.mcfgs[name], self.optimizers[name]
         spe = len(self.loader)
-        lr = lr_at(self.step, spe, self.cfg.epochs, mcfg.lr, mcfg.min_lr, mcfg.warmup_epochs)
+        base, final = mcfg.effective_lr(self.cfg.batch_size)
+        lr = lr_at(self.step, spe, self.cfg.epochs, base, final, mcfg.warmup_epochs)
         wd_end = mcfg.weight_decay if mcfg.weight_decay_end is None else mcfg.weight_decay_end
         wd = cosine_value(self.step, self._total_steps(), mcfg.weight_decay, wd_end)
         for i, group in enumerate(opt.param_groups):
