@@ -17,7 +17,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run `python -m distillkit ARGS` and return the finished process."""
     return subprocess.run(
         [sys.executable, "-m", "distillkit", *args],

@@ -51,6 +51,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 
 
 def test_ddp_rejects_batch_not_divisible_by_world_size(tmp_path):
-    proc = torchrun("train", "model=mlp", "epochs=1", "batch_size=63", f"out_dir={tmp_path / 'x'}", "--quiet")
+    proc = torchrun(
+        "train", "model=mlp", "epochs=1", "batch_size=63", f"out_dir={tmp_path / 'x'}", "--quiet"
+    )
     assert proc.returncode != 0
     assert "divisible" in proc.stderr

@@ -39,7 +39,9 @@ def test_killed_and_resumed_run_equals_straight_run(tmp_path, teacher_dir, metho
     proc = run_cli("train", *COMMON, *extra, f"out_dir={straight}")
     assert proc.returncode == 0, proc.stderr
 
-    proc = run_cli("train", *COMMON, *extra, f"out_dir={broken}", env=cli_env(DISTILLKIT_KILL_AFTER_EPOCH="2"))
+    proc = run_cli(
+        "train", *COMMON, *extra, f"out_dir={broken}", env=cli_env(DISTILLKIT_KILL_AFTER_EPOCH="2")
+    )
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
     assert load_checkpoint(broken / "checkpoints" / "last.pt")["epoch"] == 2
     assert not (broken / "metrics.json").exists()  # the killed run never finished

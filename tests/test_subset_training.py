@@ -27,7 +27,11 @@ def test_kt_subset_is_class_balanced_and_saved(tmp_path, teacher, features):
     idx = np.load(out / "subset_indices.npy")
     labels = load_dataset("digits").train.labels.numpy()
     n = len(labels)
-    assert len(idx) == round(0.4 * n) == json.loads((out / "metrics.json").read_text())["train_samples"]
+    assert (
+        len(idx)
+        == round(0.4 * n)
+        == json.loads((out / "metrics.json").read_text())["train_samples"]
+    )
     assert len(np.unique(idx)) == len(idx)
     # per class: the subset keeps each class's share of the split to within one sample
     for c in range(10):
@@ -39,7 +43,14 @@ def test_kt_subset_differs_between_pixel_and_teacher_features(tmp_path, teacher)
     chosen = {}
     for features in ("pixels", "teacher"):
         out = tmp_path / features
-        args = ["distill", "model=mlp", "epochs=1", f"teacher={teacher}", f"out_dir={out}", "--quiet"]
+        args = [
+            "distill",
+            "model=mlp",
+            "epochs=1",
+            f"teacher={teacher}",
+            f"out_dir={out}",
+            "--quiet",
+        ]
         args += ["subset.method=kt", "subset.fraction=0.2", f"subset.features={features}"]
         assert main(args) == 0
         chosen[features] = set(np.load(out / "subset_indices.npy").tolist())
@@ -47,6 +58,12 @@ def test_kt_subset_differs_between_pixel_and_teacher_features(tmp_path, teacher)
 
 
 def test_teacher_features_need_a_teacher(tmp_path, capsys):
-    args = ["train", "model=mlp", "subset.method=kt", "subset.features=teacher", f"out_dir={tmp_path}"]
+    args = [
+        "train",
+        "model=mlp",
+        "subset.method=kt",
+        "subset.features=teacher",
+        f"out_dir={tmp_path}",
+    ]
     assert main(args) == 2
     assert "subset.features" in capsys.readouterr().err
