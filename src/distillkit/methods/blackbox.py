@@ -139,6 +139,13 @@ def response_target(out: TeacherOutput, kind: str) -> torch.Tensor:
     return out.log_probs().float()
 
 
+def edge_batch(
+    images: torch.Tensor, idx: torch.Tensor, mean: Any, std: Any, device: torch.device
+) -> torch.Tensor:
+    """Normalised edge images by index, unaugmented: the teacher's answers are for these pixels."""
+    return normalize(to_float(images[idx.cpu()].to(device)), mean, std)
+
+
 def choose_edge(images: torch.Tensor, size: int, method: str, seed: int) -> torch.Tensor:
     """Indices of the `size` edge images (uint8, N x C x H x W) to spend the budget on."""
     feats = images.reshape(len(images), -1).numpy().astype(np.float64) / 255.0
@@ -262,10 +269,6 @@ class EdgePoolDistiller(BudgetedDistiller):
         self.pool_idx: torch.Tensor | None = None
         self.pool_t: torch.Tensor | None = None
 
-    def edge_images(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Normalised edge images by index (no augmentation: the answers are for these pixels)."""
-        return normalize(to_float(self.edge.images[idx.cpu()].to(device)), self.mean, self.std)
-
     def build_pool(self, device: torch.device) -> None:
         """Choose the images to spend the budget on and query them once."""
         n = len(self.edge)
@@ -275,7 +278,7 @@ class EdgePoolDistiller(BudgetedDistiller):
         idx = choose_edge(self.edge.images, size, self.options.query_selection, self.seed)
         self.pool_t = self.query_all(
             idx,
-            lambda part: self.edge_images(part, device),
+            lambda part: edge_batch(self.edge.images, part, self.mean, self.std, device),
             lambda out: response_target(out, self.kind),
         )
         self.pool_idx = idx
@@ -295,7 +298,7 @@ class EdgePoolDistiller(BudgetedDistiller):
         if self.pool_idx is None:
             self.build_pool(x.device)
         sel = torch.randint(len(self.pool_idx), (x.shape[0],))
-        xp = self.edge_images(self.pool_idx[sel], x.device)
+        xp = edge_batch(self.edge.images, self.pool_idx[sel], self.mean, self.std, x.device)
         target = self.pool_t[sel].to(x.device)
         logits = self.student(xp)
         if self.kind == "hard":

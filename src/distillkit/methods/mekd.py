@@ -62,13 +62,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.config import ConfigError
-from distillkit.data.transforms import normalize, to_float
+from distillkit.data.transforms import normalize
 from distillkit.methods.base import Batch
 from distillkit.methods.blackbox import (
     BlackBoxOptions,
     BudgetedDistiller,
     check_single_process,
     choose_edge,
+    edge_batch,
     make_teacher,
     select_queries,
     steps_per_epoch,
@@ -390,7 +391,11 @@ class MEKD(BudgetedDistiller):
         if self.options.edge_share > 0:
             n_edge = min(len(self.edge), max(1, round(self.options.edge_share * size)))
             idx = choose_edge(self.edge.images, n_edge, self.options.query_selection, self.seed)
-            self.edge_t = self.query_all(idx, lambda part: self.edge_image(part, device), target)
+            self.edge_t = self.query_all(
+                idx,
+                lambda part: edge_batch(self.edge.images, part, self.mean, self.std, device),
+                target,
+            )
             self.edge_idx = idx
             size -= n_edge
         if self.options.edge_share >= 1.0 or size < 1:
@@ -409,10 +414,6 @@ class MEKD(BudgetedDistiller):
             z = torch.randn(size, self.num_classes, generator=gen)
         self.pool_t = self.query_all(z, lambda part: self.generate(part.to(device)), target)
         self.pool_z = z
-
-    def edge_image(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Normalised edge images by index, as the teacher was asked about them."""
-        return normalize(to_float(self.edge.images[idx.cpu()].to(device)), self.mean, self.std)
 
     def sample_pool(self, b: int) -> torch.Tensor:
         """Indices into the transfer set; with `balance`, each teacher class equally likely."""
@@ -442,7 +443,9 @@ class MEKD(BudgetedDistiller):
             if self.edge_idx is not None:
                 b_edge = b if self.pool_t is None else round(self.options.edge_share * b)
                 sel = torch.randint(len(self.edge_idx), (b_edge,))
-                parts_x.append(self.edge_image(self.edge_idx[sel], device))
+                parts_x.append(
+                    edge_batch(self.edge.images, self.edge_idx[sel], self.mean, self.std, device)
+                )
                 parts_t.append(self.edge_t[sel].to(device))
             if b - b_edge > 0:
                 sel = self.sample_pool(b - b_edge)
