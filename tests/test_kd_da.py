@@ -10,8 +10,9 @@ from distillkit.config import ConfigError, RunConfig, config_from_dict, resolve_
 from distillkit.data.augment import CutMixPick, build_augmentation, mixup_batch, student_scorer
 from distillkit.data.datasets import DataBundle, Split
 from distillkit.methods import get_method
+from distillkit.methods.kd import KD
 from distillkit.methods.kd_da import KDDA, KDDAOptions
-from distillkit.teachers import LocalTeacher
+from distillkit.teachers import BlackBoxTeacher, LocalTeacher
 
 C = 5
 
@@ -72,23 +73,89 @@ def test_loss_matches_direct_formula_with_mixup():
     assert student[1].weight.grad is not None and teacher_model[1].weight.grad is None
 
 
+def _inputs_of(module: nn.Module) -> list[torch.Tensor]:
+    """Record every batch `module` is called on, in order."""
+    seen: list[torch.Tensor] = []
+    module.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def _direct_entropy(logits: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(logits.double(), 1)
+    return -(p * p.log()).sum(1)
+
+
 def test_cutmixpick_reuses_teacher_outputs_and_matches_formula():
     student, teacher_model = _linear(3), _linear(4)
     teacher = LocalTeacher(teacher_model)
     dist = KDDA(student, teacher, CutMixPick(mix_n_run=2), temperature=4.0)
+    t_inputs, s_inputs = _inputs_of(teacher_model), _inputs_of(student)
     x, y, idx = _batch(8)
     torch.manual_seed(7)
     _, losses = dist.training_step((x, y, idx))
     # x (8), the pool of 16; the picked 8 are not asked again
-    assert teacher.queries == 8 + 16
-    torch.manual_seed(7)
-
-    def t_fn(z):
-        return torch.log_softmax(teacher_model(z), 1)
-
-    picked = CutMixPick(mix_n_run=2).pick(x, teacher=t_fn)
+    assert teacher.queries == 8 + 16 and len(t_inputs) == 2
+    pool = t_inputs[1]
+    assert pool.shape == (16, 1, 4, 4)
+    # direct: the 8 pool images of highest teacher entropy at T = 1
     with torch.no_grad():
-        expected = 0.9 * _direct_kl(student(picked.x), teacher_model(picked.x), 4.0)
+        top = _direct_entropy(teacher_model(pool)).argsort(descending=True)[:8]
+    x_aug = s_inputs[-1]  # the student's last forward is on the picked batch
+    matches = [int((pool == row).flatten(1).all(1).nonzero()[0]) for row in x_aug]
+    assert sorted(matches) == sorted(top.tolist())
+    with torch.no_grad():
+        expected = 0.9 * _direct_kl(student(pool[top]), teacher_model(pool[top]), 4.0)
+    _close(losses["kd_aug"], expected)
+
+
+def _direct_hard(s_logits: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
+    """T^2 KL(one-hot || softmax(s / T)) = -T^2 log softmax(s / T)[label]."""
+    p = torch.softmax(s_logits.double() / t, 1)
+    return -t * t * p[torch.arange(len(labels)), labels].log().mean()
+
+
+def test_hard_label_teacher_gets_the_exact_one_hot_target_as_in_kd():
+    student, teacher_model = _linear(8), _linear(9)
+    t = 4.0
+    x, y, idx = _batch()
+    kd_da = KDDA(
+        student,
+        BlackBoxTeacher(teacher_model, kind="hard"),
+        build_augmentation("identity"),
+        w_ce=0.1,
+        w_kd=0.9,
+        temperature=t,
+        num_classes=C,
+    )
+    _, l_da = kd_da.training_step((x, y, idx))
+    kd = KD(student, BlackBoxTeacher(teacher_model, kind="hard"), t, 0.1, C)
+    _, l_kd = kd.training_step((x, y, idx))
+    with torch.no_grad():
+        expected = 0.9 * _direct_hard(student(x), teacher_model(x).argmax(1), t)
+    _close(l_kd["kd"], expected)
+    _close(l_da["kd"], expected)
+    _close(l_da["kd_aug"], expected)
+
+
+@pytest.mark.parametrize("aug", ["mixup", "cutmixpick_kl"])
+def test_hard_label_teacher_on_the_augmented_batch_uses_the_exact_one_hot(aug):
+    student, teacher_model = _linear(10), _linear(11)
+    t = 4.0
+    # cutmixpick scores with the teacher and hands its answers back; mixup asks again on x'
+    if aug == "cutmixpick_kl":
+        op = CutMixPick(mix_n_run=2, criterion="kl")
+    else:
+        op = build_augmentation("mixup", alpha=1.0)
+    dist = KDDA(
+        student, BlackBoxTeacher(teacher_model, kind="hard"), op, temperature=t, num_classes=C
+    )
+    s_inputs = _inputs_of(student)
+    x, y, idx = _batch(8)
+    torch.manual_seed(3)
+    _, losses = dist.training_step((x, y, idx))
+    x_aug = s_inputs[-1]
+    with torch.no_grad():
+        expected = 0.9 * _direct_hard(student(x_aug), teacher_model(x_aug).argmax(1), t)
     _close(losses["kd_aug"], expected)
 
 

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from distillkit.methods import KD, FitNet, kd_kl
+from distillkit.methods.losses import kd_loss, kd_target
 from distillkit.models import build_model
-from distillkit.teachers import BlackBoxTeacher, LocalTeacher
+from distillkit.teachers import BlackBoxTeacher, LocalTeacher, TeacherOutput
 
 # --------------------------------------------------------------------------- reference formulas
 
@@ -86,6 +87,31 @@ def test_kd_kl_gradient_flows_to_student_only():
 def test_kd_kl_shape_mismatch(t_shape):
     with pytest.raises(ValueError, match="same shape"):
         kd_kl(torch.zeros(4, 10), torch.zeros(*t_shape), 4.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
+def test_hard_label_target_is_the_exact_one_hot_at_any_temperature(temperature):
+    labels = torch.tensor([2, 0, 9])
+    target = kd_target(TeacherOutput(labels=labels), temperature, num_classes=10)
+    one_hot = np.zeros((3, 10))
+    one_hot[np.arange(3), [2, 0, 9]] = 1.0
+    assert np.array_equal(_np(target), one_hot)  # exact: no floor re-tempered into mass elsewhere
+    # soft answers: softmax(log p / T), the same for logits and for probabilities
+    g = torch.Generator().manual_seed(9)
+    t_logits = torch.randn(3, 10, generator=g) * 2
+    expected = np_softmax(_np(t_logits), temperature)
+    for out in (TeacherOutput(logits=t_logits), TeacherOutput(probs=t_logits.softmax(1))):
+        np.testing.assert_allclose(_np(kd_target(out, temperature)), expected, rtol=1e-5)
+    # the loss against a one-hot target: T^2 * -log softmax(s / T)[label]
+    s = torch.randn(3, 10, generator=g) * 2
+    z = _np(s) / temperature
+    log_p = z - z.max(1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
+    expected_loss = temperature**2 * -log_p[np.arange(3), [2, 0, 9]].mean()
+    got = kd_loss(s, TeacherOutput(labels=labels), temperature)
+    assert got.item() == pytest.approx(expected_loss, rel=1e-5)
+    soft = kd_loss(s, TeacherOutput(logits=t_logits), temperature)
+    assert soft.item() == pytest.approx(np_kd(_np(s), _np(t_logits), temperature), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- KD method

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 
 import pytest
@@ -235,6 +233,42 @@ def test_edge_share_one_distils_on_edge_images_only(teacher_dir, bundle):
         MEKDOptions(edge_share=1.5).validate()
 
 
+def test_unlimited_teacher_with_transfer_size_builds_a_fixed_set_of_that_size(teacher_dir, bundle):
+    torch.manual_seed(0)
+    for share, n_edge in ((0.0, 0), (0.25, 10)):
+        m = _mekd(teacher_dir, bundle, transfer_size=40, edge_share=share)
+        m.on_epoch_start(1)
+        m.train()
+        _, losses = _step(m, torch.randn(16, 1, 8, 8))
+        assert set(losses) == {"align", "kl"} and all(v.isfinite() for v in losses.values())
+        # transfer_size caps the set when no budget does; spent once, never again
+        assert len(m.pool_z) == 40 - n_edge and m.spent == 40 == m.teacher.queries
+        assert (0 if m.edge_idx is None else len(m.edge_idx)) == n_edge
+        _step(m, torch.randn(16, 1, 8, 8))
+        assert m.spent == 40
+
+
+def test_unlimited_teacher_with_edge_share_answers_every_edge_image_once(teacher_dir, bundle):
+    torch.manual_seed(0)
+    m = _mekd(teacher_dir, bundle, edge_share=0.25)
+    m.on_epoch_start(1)
+    m.train()
+    _, losses = _step(m, torch.randn(16, 1, 8, 8))
+    assert set(losses) == {"align", "kl"} and all(v.isfinite() for v in losses.values())
+    n = len(bundle.train)
+    # every edge image asked once, plus fresh generated images for 3/4 of the batch
+    assert sorted(m.edge_idx.tolist()) == list(range(n)) and m.pool_t is None
+    assert m.spent == n + 12
+    _step(m, torch.randn(16, 1, 8, 8))
+    assert m.spent == n + 24 == m.teacher.queries
+    # edge_share 1: edge images only, nothing generated is asked
+    m = _mekd(teacher_dir, bundle, edge_share=1.0)
+    m.on_epoch_start(1)
+    _step(m, torch.randn(16, 1, 8, 8))
+    _step(m, torch.randn(16, 1, 8, 8))
+    assert m.spent == n == len(m.edge_idx)
+
+
 def test_transfer_set_is_drawn_class_balanced_unless_turned_off(teacher_dir, bundle):
     torch.manual_seed(0)
     for balance, share in ((True, 0.5), (False, 0.9)):
@@ -359,21 +393,26 @@ def test_mekd_against_a_real_http_teacher(teacher_dir, tmp_path, monkeypatch):
     assert (out / "teacher_cache" / "responses.sqlite").is_file()
 
 
-def test_mekd_config_errors(teacher_dir, tmp_path, capsys):
-    base = ["distill", "method=mekd", "model=mlp", f"out_dir={tmp_path / 'x'}", "--quiet"]
-    assert main([*base, "epochs=2", "options.gan_epochs=2", f"teacher={teacher_dir}"]) == 2
-    assert "gan_epochs" in capsys.readouterr().err
-    assert main([*base, "epochs=2", "options.gan_epochs=1"]) == 2
-    assert "needs a teacher" in capsys.readouterr().err
-    assert main([*base, "options.align=l3", f"teacher={teacher_dir}"]) == 2
-    assert "options.align" in capsys.readouterr().err
-    os.environ.pop("DISTILLKIT_API_KEY", None)
-    assert (
-        main([*base, "epochs=2", "options.gan_epochs=1", "options.teacher_url=http://127.0.0.1:9"])
-        == 2
-    )
-    assert "DISTILLKIT_API_KEY" in capsys.readouterr().err
-    assert math.isfinite(1.0)
+def test_mekd_config_errors(teacher_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "x"
+    base = ["distill", "method=mekd", "model=mlp", f"out_dir={out}", "--quiet"]
+    monkeypatch.delenv("DISTILLKIT_API_KEY", raising=False)
+    cases = [
+        (["epochs=2", "options.gan_epochs=2", f"teacher={teacher_dir}"], "gan_epochs"),
+        (["epochs=2", "options.gan_epochs=1"], "needs a teacher"),
+        (["options.align=l3", f"teacher={teacher_dir}"], "options.align"),
+        (
+            ["epochs=2", "options.gan_epochs=1", "options.teacher_url=http://127.0.0.1:9"],
+            "DISTILLKIT_API_KEY",
+        ),
+    ]
+    for args, needle in cases:
+        assert main([*base, *args]) == 2, needle
+        err = capsys.readouterr().err
+        assert needle in err
+        # one line naming the problem, no traceback
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()  # a refused config leaves nothing behind
 
 
 def test_gan_steps_per_batch_runs_several_updates_and_spreads_queries(teacher_dir, bundle):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from distillkit.engine.checkpoint import load_checkpoint
 from distillkit.methods.mokd import MOKD, TransformerHead
-from distillkit.methods.ssl import DINOHead, soft_cross_entropy
+from distillkit.methods.ssl import DINOHead
 from distillkit.ssl_train import SSLTrainer, build_method, load_ssl_config, resume_ssl, run_ssl
 
 torch.set_num_threads(1)
@@ -152,14 +152,18 @@ def test_cross_terms_are_lambda_weighted_and_search_uses_other_teacher():
     s_a = a.student(views)
     with torch.no_grad():
         t_b = b.teacher(views[:2])
-        # the target is B's teacher T-head searched with A's detached local-crop query
-        expected_targets = [
-            b.teacher.thead.search(s_a["pooled"][i], t_b["tokens"][0], t_b["grids"][0])
-            for i in (2, 3)
-        ]
+        # the target, written out: A's detached local-crop query prepended to B's teacher tokens of
+        # global view 1, through B's teacher T-head blocks, query output dropped, mean, project
+        th = b.teacher.thead
+        tokens = th.embed(t_b["tokens"][0], t_b["grids"][0])
+        expected_targets = []
+        for i in (2, 3):
+            x = torch.cat([s_a["pooled"][i][:, None], tokens], dim=1)
+            expected_targets.append(th.project(th.norm(th.blocks(x))[:, 1:].mean(1)))
+    # CE of softmax(target / 0.04) against log_softmax(student / 0.1), batch mean, crop mean
     expected = (
         sum(
-            soft_cross_entropy(s_a["thead"][i], tgt, 0.1, 0.04)
+            -(F.softmax(tgt / 0.04, -1) * F.log_softmax(s_a["thead"][i] / 0.1, -1)).sum(-1).mean()
             for i, tgt in zip((2, 3), expected_targets)
         )
         / 2

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.methods.base import Batch, Distiller
-from distillkit.methods.losses import kd_kl
+from distillkit.methods.losses import kd_loss
 from distillkit.methods.registry import register_method
 from distillkit.teachers.base import TeacherOutput, ask_teacher
 
@@ -34,11 +34,7 @@ class KD(Distiller):
 
     def kd_term(self, logits: torch.Tensor, out: TeacherOutput) -> torch.Tensor:
         """T^2 * KL to the teacher; for hard labels the target is exactly one-hot at any T."""
-        t = self.temperature
-        if out.labels is not None:
-            # KL(one-hot || p_s^T) is the cross-entropy of the tempered student at the label
-            return (t * t) * F.cross_entropy(logits.float() / t, out.labels.long())
-        return kd_kl(logits, out.log_probs(self.num_classes), t)
+        return kd_loss(logits, out, self.temperature, self.num_classes)
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE on labels plus the tempered KL to the teacher."""

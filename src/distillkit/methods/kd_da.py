@@ -5,6 +5,9 @@ L = w_ce * CE(s(x), y) + w_kd * [T^2 KL_T(t(x) || s(x)) + T^2 KL_T(t(x') || s(x'
 x is the batch the trainer hands in (standard crop/flip), x' the extra-augmented batch built from
 x. The target on x' is the teacher's own output on x', never interpolated labels, so mixing ops
 need no labels at all. Defaults follow the paper: w_ce 0.1, w_kd 0.9, T 4.
+
+A hard-label teacher's target is the exact one-hot of its label at every T, on x and on x' alike
+(the same rule as method kd, through `losses.kd_loss`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from torch import nn
 
 from distillkit.data.augment import Augmentation, build_augmentation, student_scorer
 from distillkit.methods.base import Batch, Distiller
-from distillkit.methods.losses import kd_kl
+from distillkit.methods.losses import is_hard, kd_loss
 from distillkit.methods.registry import register_method
-from distillkit.teachers.base import ask_teacher
+from distillkit.teachers.base import TeacherOutput, ask_teacher
 
 
 @dataclass
@@ -75,10 +78,14 @@ class KDDA(Distiller):
         self.std = std
         self.num_classes = num_classes
 
-    def teacher_log_probs(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher log-probabilities at T = 1 (by sample index only for the un-augmented x)."""
+    def ask(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> TeacherOutput:
+        """The teacher's answer on x (by sample index only for the un-augmented x)."""
         with torch.no_grad():
-            return ask_teacher(self.teacher, x, idx).log_probs(self.num_classes)
+            return ask_teacher(self.teacher, x, idx)
+
+    def teacher_log_probs(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher log-probabilities at T = 1: what augmentations score samples with."""
+        return self.ask(x, idx).log_probs(self.num_classes)
 
     def augment(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x' and, when the augmentation already asked the teacher, its log-probabilities on x'."""
@@ -96,23 +103,37 @@ class KDDA(Distiller):
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE on labels, KD on x, KD on x' against the teacher's output on x'."""
         x, y, idx = batch
-        t_lp = self.teacher_log_probs(x, idx)
+        out = self.ask(x, idx)
         logits = self.student(x)
-        t = self.temperature
         losses = {
             "ce": self.w_ce * F.cross_entropy(logits, y),
-            "kd": self.w_kd * kd_kl(logits, t_lp, t),
+            "kd": self.w_kd * self.kd_term(logits, out),
         }
         if self.augmentation.is_identity:
             # x' = x: the second term equals the first, no need for two more forward passes
-            losses["kd_aug"] = self.w_kd * kd_kl(logits, t_lp, t)
+            losses["kd_aug"] = self.w_kd * self.kd_term(logits, out)
             return logits, losses
         x_aug, t_lp_aug = self.augment(x)
         if t_lp_aug is None:
-            t_lp_aug = self.teacher_log_probs(x_aug)
+            out_aug = self.ask(x_aug)
+        else:
+            out_aug = reused_answer(t_lp_aug, hard=is_hard(out))
         logits_aug = self.student(x_aug)
-        losses["kd_aug"] = self.w_kd * kd_kl(logits_aug, t_lp_aug, t)
+        losses["kd_aug"] = self.w_kd * self.kd_term(logits_aug, out_aug)
         return logits, losses
+
+    def kd_term(self, logits: torch.Tensor, out: TeacherOutput) -> torch.Tensor:
+        """T^2 * KL to the teacher's answer, by the same rule as method kd."""
+        return kd_loss(logits, out, self.temperature, self.num_classes)
+
+
+def reused_answer(log_probs: torch.Tensor, hard: bool) -> TeacherOutput:
+    """The teacher's answer rebuilt from the log-probabilities an augmentation scored with."""
+    if hard:
+        # the augmentation saw the floored one-hot; its argmax is exactly the teacher's label
+        return TeacherOutput(labels=log_probs.argmax(dim=1))
+    # log p are logits up to a per-row constant, which the tempered softmax ignores
+    return TeacherOutput(logits=log_probs)
 
 
 @register_method(

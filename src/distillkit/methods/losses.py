@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distillkit.teachers.base import TeacherOutput
+
 
 def kd_kl(
     student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float
@@ -13,15 +15,57 @@ def kd_kl(
 
     `teacher_log_probs` are log-probabilities at temperature 1; they are re-tempered here so that
     teachers returning logits or probabilities are treated alike (log p / T is logits / T up to a
-    per-row constant, which softmax ignores).
+    per-row constant, which softmax ignores). Hard labels must not come through here: a floored
+    one-hot re-tempered at T > 1 spreads mass over the other classes; use `kd_loss`.
     """
-    if student_logits.shape != teacher_log_probs.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher outputs "
-            f"{tuple(teacher_log_probs.shape)} must have the same shape"
-        )
+    _check_shapes(student_logits, teacher_log_probs)
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_t = F.log_softmax(teacher_log_probs.float() / t, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
     return kl * (t * t)
+
+
+def is_hard(out: TeacherOutput) -> bool:
+    """Whether the teacher answered with labels only."""
+    return out.labels is not None and out.logits is None and out.probs is None
+
+
+def kd_target(
+    out: TeacherOutput, temperature: float, num_classes: int | None = None
+) -> torch.Tensor:
+    """The teacher's distribution at temperature T: softmax(log p / T), exact one-hot for labels.
+
+    A label carries no confidence to soften, so its target is the one-hot vector at every T.
+    """
+    if is_hard(out):
+        assert out.labels is not None
+        if num_classes is None:
+            raise ValueError("num_classes is needed to turn hard labels into targets")
+        return F.one_hot(out.labels.long(), num_classes).float()
+    return F.softmax(out.log_probs(num_classes).float() / temperature, dim=1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    out: TeacherOutput,
+    temperature: float,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """T^2 * KL(kd_target || p_s^T), batch mean, for any teacher answer (logits, probs, labels)."""
+    t = temperature
+    if not is_hard(out):
+        return kd_kl(student_logits, out.log_probs(num_classes), t)
+    target = kd_target(out, t, num_classes or student_logits.shape[1])
+    _check_shapes(student_logits, target)
+    # a one-hot target has zero entropy: the KL is the tempered student's cross-entropy
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    return -(target * log_p_s).sum(dim=1).mean() * (t * t)
+
+
+def _check_shapes(student_logits: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student_logits.shape != teacher.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher outputs "
+            f"{tuple(teacher.shape)} must have the same shape"
+        )
