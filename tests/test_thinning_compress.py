@@ -1,9 +1,16 @@
 """Compress / Compress++ for any n: sizes, eligibility of every point, quality, errors."""
 
+import importlib
+
 import numpy as np
 import pytest
 
 from distillkit.thinning import Gaussian, compress, compresspp, iid, mmd
+from distillkit.thinning.kt import _prepare
+
+# the package re-exports the function compress under the module's name
+compress_mod = importlib.import_module("distillkit.thinning.compress")
+_halve_groups = compress_mod._halve_groups
 
 
 def _data(n, d=2, seed=0):
@@ -63,10 +70,114 @@ def test_compresspp_determinism_and_quality():
     assert np.mean(cpp) < 0.5 * np.mean(rnd)
 
 
-def test_symmetrised_halving_without_swap():
-    X = _data(2048)
-    idx = compresspp(X, Gaussian(2.0), g=2, seed=0, swap=False)
-    assert idx.size == round(np.sqrt(2048))
+def _brute_mmd(X, idx, sigma):
+    """MMD between X and X[idx] from the full Gaussian kernel matrix (no package code)."""
+    K = np.exp(-((X[:, None, :] - X[None, :, :]) ** 2).sum(-1) / (2 * sigma**2))
+    w = np.full(len(X), -1.0 / len(X))
+    np.add.at(w, idx, 1.0 / len(idx))
+    return np.sqrt(max(w @ K @ w, 0.0))
+
+
+def test_compresspp_without_swap_beats_iid():
+    # KT-SPLIT-only halving (no KT-SWAP) must still beat an equal-size uniform subsample
+    n, sigma = 1024, 2.0
+    cpp, rnd = [], []
+    for s in range(4):
+        X = _data(n, seed=20 + s)
+        half = compress(X, Gaussian(sigma), g=2, seed=s, swap=False)
+        assert np.unique(half).size == half.size == 4 * 32  # 2^g sqrt(n), distinct
+        idx = compresspp(X, Gaussian(sigma), g=2, seed=s, swap=False, unique=True)
+        assert idx.size == 32 and np.unique(idx).size == idx.size
+        cpp.append(_brute_mmd(X, idx, sigma))
+        rnd.append(_brute_mmd(X, np.random.default_rng(s).choice(n, 32, replace=False), sigma))
+    assert np.mean(cpp) < 0.6 * np.mean(rnd)
+
+
+def _z_score(err):
+    return err.mean() / (err.std(ddof=1) / np.sqrt(err.size))
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_halving_is_unbiased(swap):
+    # Symmetrised halving returns a half or its complement with probability 1/2 each, so
+    # E[mean of f over the half] = mean of f over the input for every f. One fixed input of
+    # L = 16 points is halved by G independent groups in a single batched call.
+    L, G = 16, 3000
+    X = _data(L, seed=1)
+    _, kern, X32 = _prepare(X, Gaussian(1.0))
+    groups = np.tile(np.arange(L), (G, 1))
+    keep = _halve_groups(kern, X32, groups, 0.5, np.random.default_rng(0), swap)
+    assert keep.shape == (G, L // 2)
+    assert all(np.unique(r).size == L // 2 for r in keep)
+    err = X[keep, 0].mean(axis=1) - X[:, 0].mean()
+    assert abs(_z_score(err)) < 3.0
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_compress_is_unbiased_over_seeds(swap):
+    # n = 4^3: every halving input is even, so Compress inherits unbiasedness from halving
+    X = _data(64, seed=1)
+    err = np.array(
+        [X[compress(X, Gaussian(1.0), g=1, seed=s, swap=swap), 0].mean() for s in range(200)]
+    )
+    err -= X[:, 0].mean()
+    assert abs(_z_score(err)) < 3.0
+
+
+def _record_deltas(monkeypatch):
+    """Wrap the inner halving and the final KT so that each records its delta."""
+    halves, thins = [], []
+    orig_halve, orig_kt = compress_mod._halve_groups, compress_mod.kt
+
+    def halve(kernel, X32, groups, delta, rng, swap):
+        halves.append((groups.shape[0], groups.shape[1], delta))
+        return orig_halve(kernel, X32, groups, delta, rng, swap)
+
+    def thin(X, kernel, **kw):
+        thins.append(kw["delta"])
+        return orig_kt(X, kernel, **kw)
+
+    monkeypatch.setattr(compress_mod, "_halve_groups", halve)
+    monkeypatch.setattr(compress_mod, "kt", thin)
+    return halves, thins
+
+
+def test_compresspp_splits_delta_between_halving_and_thinning(monkeypatch):
+    # Compress++ (Shetty, Dwivedi, Mackey 2022; goodpoints.compress.compresspp_kt): with
+    # m final KT halving rounds and beta Compress halving levels per bin, the final KT
+    # gets delta * m / (m + 2^m beta) and Compress the rest; a halving of L points gets
+    # delta_c * L^2 / (4^(g+1) n beta), so the halving deltas add up to delta_c.
+    halves, thins = _record_deltas(monkeypatch)
+    n, g, bins, delta = 4096, 1, 4, 0.3
+    X = _data(n)
+    idx = compresspp(X, Gaussian(2.0), g=g, seed=0, delta=delta, num_bins=bins)
+    assert idx.size == 64
+    m = 2  # 256 Compress points (4 bins x 2^g sqrt(1024)) -> 64: two halving rounds
+    beta = 4  # per bin: 1024 -> 256 -> 64 -> 16 -> leaves of 4^g = 4
+    delta_kt = delta * m / (m + 2**m * beta)
+    delta_c = delta - delta_kt
+    assert thins == [pytest.approx(delta_kt, rel=1e-12)]
+    # per level (4 bins): 4 halvings of 128 points, 16 of 64, 64 of 32, 256 of 16
+    count = {}
+    for G, L, d in halves:
+        assert d == pytest.approx(delta_c * L**2 / (4 ** (g + 1) * n * beta), rel=1e-12)
+        count[L] = count.get(L, 0) + G
+    assert count == {128: 4, 64: 16, 32: 64, 16: 256}
+    assert sum(G * d for G, _, d in halves) == pytest.approx(delta_c, rel=1e-12)
+
+
+def test_compress_halving_deltas_follow_covered_points(monkeypatch):
+    # any n: a halving node covering s input points gets delta * s / (sum of s over all
+    # halving nodes). n = 80, g = 1: nodes of 80 (1), 20 (4) and 5 (16) points halve,
+    # sum = 240, so deltas delta/3, delta/12 and delta/48.
+    halves, _ = _record_deltas(monkeypatch)
+    delta = 0.4
+    compress(_data(80), Gaussian(2.0), g=1, seed=0, delta=delta)
+    count = {}
+    for G, _, d in halves:
+        key = round(delta / d, 6)
+        count[key] = count.get(key, 0) + G
+    assert count == {3.0: 1, 12.0: 4, 48.0: 16}
 
 
 @pytest.mark.parametrize(

@@ -133,9 +133,21 @@ def test_kt_plus_and_power_without_root_kernel(kernel):
 
 
 def test_root_kt_gaussian_and_median_bandwidth():
-    X = _data(512)
-    idx = kt(X, "gaussian", split="root", seed=0)
-    assert idx.size == round(np.sqrt(512))
+    # "gaussian" must resolve to the median pairwise distance (computed here directly), and
+    # root KT must beat an equal-size uniform subsample in MMD for that kernel
+    n = 512
+    rel = []
+    for s in range(3):
+        X = _data(n, seed=30 + s)
+        med = float(
+            np.median(np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))[np.triu_indices(n, 1)])
+        )
+        idx = kt(X, "gaussian", split="root", seed=s)
+        np.testing.assert_array_equal(idx, kt(X, Gaussian(med), split="root", seed=s))
+        assert idx.size == round(np.sqrt(n))
+        rnd = np.random.default_rng(s).choice(n, idx.size, replace=False)
+        rel.append(_brute_mmd(X, X[idx], med) / _brute_mmd(X, X[rnd], med))
+    assert np.mean(rel) < 0.5
 
 
 def test_swap_does_not_increase_mmd_and_unique():
