@@ -286,11 +286,12 @@ def test_imagefolder_rgb(tmp_path):
 
 
 def test_imagefolder_grayscale_default_size(tmp_path):
-    _png(tmp_path / "train" / "b" / "x.png", 10, mode="L")
-    _png(tmp_path / "train" / "a" / "y.png", 200, mode="L")
-    _png(tmp_path / "test" / "a" / "z.png", 50, mode="L")
+    # without image_size the images keep their own (common, square) size
+    _png(tmp_path / "train" / "b" / "x.png", 10, size=(12, 12), mode="L")
+    _png(tmp_path / "train" / "a" / "y.png", 200, size=(12, 12), mode="L")
+    _png(tmp_path / "test" / "a" / "z.png", 50, size=(12, 12), mode="L")
     b = load_dataset("imagefolder", data_dir=str(tmp_path))
-    assert b.train.images.shape == (2, 1, 64, 64) and b.in_channels == 1
+    assert b.train.images.shape == (2, 1, 12, 12) and b.in_channels == 1 and b.image_size == 12
     assert b.train.labels.tolist() == [0, 1] and b.test.labels.tolist() == [0]
     mean, std = channel_stats(b.train.images)
     assert b.mean == pytest.approx(mean) and mean[0] == pytest.approx(105 / 255, abs=1e-4)

@@ -180,9 +180,9 @@ def test_register_custom_model_and_duplicate():
         with pytest.raises(ValueError, match="already registered"):
             register("_test_tiny")(tiny)
     finally:
-        from distillkit.models import zoo
+        from distillkit.models import registry
 
-        zoo._REGISTRY.pop("_test_tiny", None)
+        registry._REGISTRY.pop("_test_tiny", None)
 
 
 def test_mlp_wrong_image_size_is_clear():

@@ -1,5 +1,7 @@
 """In-memory datasets, batched transforms and a deterministic sharded batch loader."""
 
+# imagefolder and external register their datasets on import, completing the registry.
+from . import imagefolder  # noqa: F401
 from .datasets import (
     DataBundle,
     DatasetNotFoundError,
@@ -10,6 +12,7 @@ from .datasets import (
     read_idx,
     register_dataset,
 )
+from .external import arrays_to_bundle, canonical_dataset_spec
 from .loader import BatchLoader, derive_seed, make_loaders
 from .transforms import normalize, random_crop_flip, to_float
 
@@ -18,6 +21,8 @@ __all__ = [
     "DataBundle",
     "DatasetNotFoundError",
     "Split",
+    "arrays_to_bundle",
+    "canonical_dataset_spec",
     "channel_stats",
     "derive_seed",
     "list_datasets",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
 import pickle
 import struct
@@ -10,6 +11,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,19 +49,6 @@ FASHION_MNIST_CLASSES = [
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-
-IMAGE_EXTENSIONS = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".gif",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -104,17 +93,24 @@ class DataBundle:
     classes: list[str]
     # Mirroring changes the meaning of some images (digits), so augmentation asks first.
     hflip: bool = field(default=True)
+    # Where the data came from and how it was split, for the run directory to record
+    # (e.g. info["split"] when the test split is a validation split carved from train/).
+    info: dict[str, Any] = field(default_factory=dict)
 
 
-DatasetLoader = Callable[[str | None, int | None], DataBundle]
+# fn(data_dir, image_size, **options) -> DataBundle; options are loader-specific keywords
+DatasetLoader = Callable[..., DataBundle]
 _REGISTRY: dict[str, DatasetLoader] = {}
 
 
 def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator registering a loader `fn(data_dir, image_size) -> DataBundle` under `name`."""
+    """Decorator registering a loader `fn(data_dir, image_size, **options)` under `name`."""
 
     def decorator(fn: DatasetLoader) -> DatasetLoader:
         key = name.lower()
+        if ":" in key:
+            # names with a colon are import paths (file.py:factory), never registry keys
+            raise ValueError(f"dataset name {name!r} must not contain ':'")
         if key in _REGISTRY:
             raise ValueError(f"dataset {name!r} is already registered")
         _REGISTRY[key] = fn
@@ -129,15 +125,39 @@ def list_datasets() -> list[str]:
 
 
 def load_dataset(
-    name: str, data_dir: str | None = None, image_size: int | None = None
+    name: str, data_dir: str | None = None, image_size: int | None = None, **options: Any
 ) -> DataBundle:
-    """Load a registered dataset fully into memory."""
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    """Load a registered dataset, or one a `file.py:factory` / `module:factory` makes, into memory."""
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    return _REGISTRY[key](data_dir, image_size)
+    if ":" in name:
+        from .external import load_factory_dataset
+
+        return load_factory_dataset(name, data_dir, image_size, **options)
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"unknown dataset {name!r}; available: {', '.join(list_datasets())}, "
+            "or path/to/file.py:factory or package.module:factory"
+        )
+    loader = _REGISTRY[key]
+    _check_options(name, loader, options)
+    return loader(data_dir, image_size, **options)
+
+
+def _check_options(name: str, loader: DatasetLoader, options: dict[str, Any]) -> None:
+    if not options:
+        return
+    found = list(inspect.signature(loader).parameters.values())[2:]  # after data_dir, image_size
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in found):
+        return
+    params = [p.name for p in found if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in options:
+        if key not in params:
+            raise ValueError(
+                f"dataset {name!r} takes no option {key!r}; it accepts: "
+                f"{', '.join(params) or 'no options'}"
+            )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -182,7 +202,9 @@ def _tensor_bundle(
     image_size: int | None,
     known_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     hflip: bool = True,
+    info: dict[str, Any] | None = None,
 ) -> DataBundle:
+    """A DataBundle of `train`/`test`, resized to `image_size` and with train statistics."""
     native = int(train.images.shape[-1])
     if image_size is not None and image_size != native:
         train = Split(_resize_images(train.images, image_size), train.labels)
@@ -200,6 +222,7 @@ def _tensor_bundle(
         std=tuple(std),
         classes=list(classes),
         hflip=hflip,
+        info=dict(info or {}),
     )
 
 
@@ -340,8 +363,8 @@ def find_fashion_mnist(data_dir: str | None = None) -> dict[str, Path]:
         + " in:\n"
         + "\n".join(looked)
         + f"\nTo install it system-wide run `{FASHION_MNIST_INSTALL_HINT}` "
-        + f"(installs to {SYSTEM_FASHION_MNIST_DIR}), or pass --data-dir / data_dir= "
-        + f"pointing at a folder with the four IDX files, or set ${ENV_VAR}."
+        + f"(installs to {SYSTEM_FASHION_MNIST_DIR}), or set data_dir=DIR "
+        + f"to a folder with the four IDX files, or set ${ENV_VAR}."
     )
 
 
@@ -458,7 +481,7 @@ def _find_cifar(data_dir: str | None, folder: str, required: Sequence[str], url:
     where = "\n".join(looked) if looked else f"  (nowhere: no data_dir given and ${ENV_VAR} unset)"
     raise DatasetNotFoundError(
         f"{folder} not found. Looked for {', '.join(required)} in:\n{where}\n"
-        f"Download {url}, extract it, and pass --data-dir / data_dir= pointing at the "
+        f"Download {url}, extract it, and set data_dir=DIR to the "
         f"extracted {folder} folder (or its parent), or set ${ENV_VAR}."
     )
 
@@ -521,89 +544,3 @@ def _load_cifar100(data_dir: str | None = None, image_size: int | None = None) -
         image_size,
         known_stats=(CIFAR100_MEAN, CIFAR100_STD),
     )
-
-
-# --------------------------------------------------------------------------- image folder
-
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-
-
-def _list_class_images(split_dir: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        out[class_dir.name] = files
-    return out
-
-
-def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            # Scale the short side to `size` and centre-crop, so aspect ratio is preserved.
-            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from e
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-@register_dataset("imagefolder")
-def _load_imagefolder(data_dir: str | None = None, image_size: int | None = None) -> DataBundle:
-    """One sub-folder per class under `data_dir/train` and `data_dir/test` (or `val`)."""
-    from PIL import Image
-
-    if not data_dir:
-        raise DatasetNotFoundError(
-            "imagefolder needs data_dir= / --data-dir pointing at a folder with train/ and "
-            "test/ (or val/) sub-folders, each holding one folder of images per class"
-        )
-    root = Path(data_dir).expanduser()
-    train_dir = root / "train"
-    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DatasetNotFoundError(
-            f"imagefolder: looked for {train_dir} and {root / 'test'} (or {root / 'val'}); "
-            "expected one folder of images per class in each"
-        )
-    train_files = _list_class_images(train_dir)
-    test_files = _list_class_images(test_dir)
-    classes = sorted(c for c, files in train_files.items() if files)
-    if not classes:
-        raise DatasetNotFoundError(
-            f"imagefolder: no images with {IMAGE_EXTENSIONS} under {train_dir}"
-        )
-    unknown = sorted(c for c, files in test_files.items() if files and c not in classes)
-    if unknown:
-        raise ValueError(
-            f"imagefolder: classes {unknown} in {test_dir} do not occur in {train_dir}"
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    size = 64 if image_size is None else image_size
-
-    items = {
-        name: [(p, index[c]) for c in classes for p in files.get(c, [])]
-        for name, files in (("train", train_files), ("test", test_files))
-    }
-    modes = set()
-    for p, _ in items["train"] + items["test"]:
-        try:
-            with Image.open(p) as img:
-                modes.add(img.mode)
-        except OSError as e:
-            raise ValueError(f"{p}: cannot read image ({e})") from e
-    mode = "L" if modes <= _GRAY_MODES else "RGB"
-    channels = 1 if mode == "L" else 3
-
-    def read(pairs: list[tuple[Path, int]]) -> Split:
-        images = np.zeros((len(pairs), channels, size, size), dtype=np.uint8)
-        for i, (p, _) in enumerate(pairs):
-            images[i] = _read_image(p, mode, size)
-        labels = np.array([y for _, y in pairs], dtype=np.int64)
-        return Split(torch.from_numpy(images), torch.from_numpy(labels))
-
-    return _tensor_bundle("imagefolder", read(items["train"]), read(items["test"]), classes, None)

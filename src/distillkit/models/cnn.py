@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .blocks import ConvBNReLU, downsample_pool, init_weights
-from .zoo import register
+from .registry import register
 
 
 class MLP(nn.Module):

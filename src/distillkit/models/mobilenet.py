@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import ConvBNReLU, init_weights
-from .zoo import register
+from .registry import register
 
 
 class InvertedResidual(nn.Module):

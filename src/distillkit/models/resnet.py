@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .blocks import conv1x1, conv3x3, init_weights
-from .zoo import register
+from .registry import register
 
 
 class BasicBlock(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .blocks import ConvBNReLU, downsample_pool, init_weights
-from .zoo import register
+from .registry import register
 
 # Channels of the convs in each of the five blocks.
 _CFGS: dict[str, list[list[int]]] = {

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import init_weights
-from .zoo import register
+from .registry import register
 
 
 class Attention(nn.Module):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import conv1x1, conv3x3, init_weights
-from .zoo import register
+from .registry import register
 
 
 class PreActBlock(nn.Module):
