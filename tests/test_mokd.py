@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from distillkit.engine.checkpoint import load_checkpoint
-from distillkit.methods.mokd import MOKD, TransformerHead
-from distillkit.methods.ssl import DINOHead
+from distillkit.methods.mokd import MOKD
+from distillkit.methods.ssl_heads import DINOHead, TransformerHead
 from distillkit.ssl_train import SSLTrainer, build_method, load_ssl_config, resume_ssl, run_ssl
 
 torch.set_num_threads(1)
@@ -270,7 +270,7 @@ def test_digits_configs_build_and_take_one_step(config):
     from pathlib import Path
 
     from distillkit.data.datasets import load_dataset
-    from distillkit.methods.ssl import MultiCrop
+    from distillkit.data.multicrop import MultiCrop
 
     cfg = load_ssl_config(Path(__file__).resolve().parents[1] / config, ["device=cpu"])
     method = build_method(cfg, load_dataset("digits"))

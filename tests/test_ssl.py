@@ -11,24 +11,17 @@ import torch
 from torch import nn
 
 from distillkit.config import ConfigError
-from distillkit.methods.ssl import (
-    DINO,
+from distillkit.data.multicrop import MultiCrop, random_resized_crop
+from distillkit.engine.evaluation import knn_accuracy, knn_predict, linear_probe_accuracy
+from distillkit.methods.dino import DINO, dino_loss, ema_update, updated_center
+from distillkit.methods.ssl_heads import (
     DINOHead,
-    MultiCrop,
     SSLBackbone,
     SSLMember,
     SSLNetwork,
     WeightNormLinear,
-    dino_loss,
-    ema_momentum,
-    ema_update,
-    knn_accuracy,
-    knn_predict,
-    linear_probe_accuracy,
-    random_resized_crop,
-    teacher_temperature,
-    updated_center,
 )
+from distillkit.methods.ssl_schedules import ema_momentum, teacher_temperature
 from distillkit.models import build_model
 from distillkit.ssl_train import load_ssl_config, run_ssl, ssl_config_from_dict
 
@@ -350,3 +343,38 @@ def test_freeze_last_layer_holds_only_the_last_layer_in_the_first_epochs(tmp_pat
     assert not torch.equal(
         after["head.last_layer.weight_v"], snapshot()["head.last_layer.weight_v"]
     )
+
+
+def test_ssl_modules_import_only_from_their_layer():
+    # the split by responsibility keeps views in the data layer, evaluators in the engine and
+    # DINO/MOKD in methods: none of them may reach up to the run loop or the commands
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "distillkit"
+    allowed = {
+        "data/multicrop.py": ("distillkit.data",),
+        "engine/evaluation.py": ("distillkit.data", "distillkit.engine"),
+        "methods/ssl_schedules.py": (),
+        "methods/ssl_heads.py": ("distillkit.models",),
+        "methods/dino.py": (
+            "distillkit.config",
+            "distillkit.data",
+            "distillkit.models",
+            "distillkit.methods",
+        ),
+        "methods/mokd.py": ("distillkit.data", "distillkit.methods"),
+    }
+    for path, prefixes in allowed.items():
+        tree = ast.parse((root / path).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("distillkit"):
+                    assert name.startswith(prefixes), f"{path} imports {name}"
+    assert not (root / "methods" / "ssl.py").exists()

@@ -1,4 +1,7 @@
-"""Self-supervised runs (DINO alone, or MOKD for a pair): config, training loop, resume, evaluation.
+"""Self-supervised runs (DINO alone, or MOKD for a pair): training loop, resume, evaluation.
+
+The run config (`SSLConfig`) lives with the method in `methods/dino.py`, the views in
+`data/multicrop.py`, the k-NN / linear-probe evaluators in `engine/evaluation.py`.
 
 The supervised Trainer assumes one student, one optimizer and labels; SSL runs have one or two
 students, one optimizer each, EMA teachers and per-step schedules, so they get their own loop
@@ -8,14 +11,11 @@ the usual run directory (config.yaml, metrics.jsonl, metrics.json, checkpoints/{
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import gc
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from distillkit.config import ConfigError, _build, _merge, read_config_data
-from distillkit.data.datasets import DataBundle, Split, load_dataset
+from distillkit.config import ConfigError, _merge
+from distillkit.data.datasets import DataBundle, load_dataset
 from distillkit.data.loader import BatchLoader, derive_seed
+from distillkit.data.multicrop import MultiCrop
 from distillkit.engine.checkpoint import (
     KILL_ENV,
     load_checkpoint,
@@ -39,6 +40,7 @@ from distillkit.engine.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from distillkit.engine.evaluation import eval_subset, probe_accuracies
 from distillkit.engine.logging import MetricsLogger
 from distillkit.engine.trainer import (
     resolve_device,
@@ -46,313 +48,43 @@ from distillkit.engine.trainer import (
     seed_everything,
     set_rng_state,
 )
-from distillkit.methods.mokd import MOKD, TransformerHead
-from distillkit.methods.ssl import (
+from distillkit.methods.dino import (
     DINO,
-    DINOHead,
-    MultiCrop,
-    SSLBackbone,
-    SSLMember,
-    SSLNetwork,
-    cosine_value,
-    ema_momentum,
-    extract_features,
-    knn_accuracy,
-    linear_probe_accuracy,
-    lr_at,
-    teacher_temperature,
+    SSLConfig,
+    SSLModelConfig,
+    build_dino,
+    load_ssl_config,
+    ssl_config_from_dict,
 )
-from distillkit.models import build_model
+from distillkit.methods.mokd import build_mokd
+from distillkit.methods.ssl_schedules import cosine_value, ema_momentum, lr_at, teacher_temperature
+
+# the config and its loaders live with the method; runs and tests load them from here as well
+__all__ = [
+    "SSLConfig",
+    "SSLModelConfig",
+    "SSLTrainer",
+    "build_method",
+    "evaluate_ssl_checkpoint",
+    "is_ssl_checkpoint",
+    "load_ssl_config",
+    "resume_ssl",
+    "run_ssl",
+    "ssl_config_from_dict",
+]
 
 CHECKPOINT_KIND = "ssl"
 _VIEW_STREAM = 7  # randomness stream id for multi-crop, distinct from the loader's streams
 
 
-@dataclass
-class SSLModelConfig:
-    """One model of an SSL run and its optimisation recipe."""
-
-    name: str = "resnet20"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "sgd"  # sgd | adamw (paper: SGD for the CNN, AdamW for the ViT)
-    lr: float = 0.03
-    min_lr: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_end: float | None = None  # cosine wd schedule end; None: constant
-    warmup_epochs: float = 0.0
-    grad_clip: float | None = 3.0
-    freeze_last_layer: int = 0  # epochs during which the heads' last layers stay fixed
-    ema_momentum: float = 0.996  # teacher momentum, cosine to 1.0
-    cross_weight: float = 1.0  # MOKD lambda (paper: 1.0 for the CNN, 0.1 for the ViT)
-    token_layer: str = "auto"  # tokens for the T-head: ViT final norm, else last hook layer
-    norm_last_layer: bool = True
-    # BatchNorm in this model's head and T-head hidden layers; None: the run's `head_bn`
-    head_bn: bool | None = None
-    # DINO's linear scaling rule: `lr` and `min_lr` are per 256 images of the global batch
-    scale_lr: bool = False
-
-    def effective_lr(self, batch_size: int) -> tuple[float, float]:
-        """(base lr, final lr) for a global batch, after the optional batch/256 scaling."""
-        scale = batch_size / 256 if self.scale_lr else 1.0
-        return self.lr * scale, self.min_lr * scale
-
-
-@dataclass
-class SSLConfig:
-    """A DINO (one model: `a`) or MOKD (two models: `a` and `b`) run."""
-
-    name: str = "ssl"
-    method: str = "dino"  # dino | mokd
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_size: int | None = None
-    max_train_samples: int | None = None  # train on a fixed random subset (smoke runs)
-    a: SSLModelConfig = field(default_factory=SSLModelConfig)
-    b: SSLModelConfig | None = None
-    # heads
-    out_dim: int = 4096
-    head_hidden: int = 2048
-    head_bottleneck: int = 256
-    head_layers: int = 3
-    head_bn: bool = False  # BatchNorm in the head's hidden layers (DINO's use_bn_in_head)
-    thead: bool = False  # dino only: also self-distil a T-head (always on for mokd)
-    thead_width: int = 384
-    thead_depth: int = 3
-    thead_heads: int = 6
-    thead_mlp_ratio: float = 4.0
-    # T-head output: 0 = bare weight-normed linear on the pooled token; >= 1 = a DINO projection
-    # head of that many layers (head_hidden / head_bottleneck / head_bn, like the main head)
-    thead_head_layers: int = 0
-    # DINO loss
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30
-    center_momentum: float = 0.9
-    # multi-crop
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
-    local_crops_number: int = 8
-    global_size: int | None = None  # default: the dataset's image size
-    local_size: int | None = None  # default: 3/7 of the global size (96/224 in DINO)
-    jitter: float = 0.4
-    blur: bool = True
-    solarize: bool = True
-    # loop
-    epochs: int = 100
-    batch_size: int = 64  # global batch: split over processes under torchrun
-    # evaluation of each EMA teacher's frozen features
-    eval_every: int = 1  # epochs between evaluations; 0: only after the last epoch
-    eval_batch_size: int = 512
-    eval_train_samples: int | None = None  # k-NN bank / probe training set: a fixed random subset
-    eval_test_samples: int | None = None  # evaluate on a fixed random subset of the test split
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    probe_steps: int = 100
-    probe_l2: float = 1e-4
-    # engine
-    device: str = "auto"
-    seed: int = 0
-    deterministic: bool = False
-    out_dir: str | None = None
-    quiet: bool = False
-    save_every: int = 1
-
-    def run_dir(self) -> Path:
-        """Directory this run writes to."""
-        return Path(self.out_dir) if self.out_dir else Path("runs") / self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for YAML/JSON."""
-        return dataclasses.asdict(self)
-
-    def member_configs(self) -> dict[str, SSLModelConfig]:
-        """The models of this run by member name."""
-        out = {"a": self.a}
-        if self.b is not None:
-            out["b"] = self.b
-        return out
-
-
-def _check(cond: bool, key: str, msg: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}': {msg}, got {value!r}")
-
-
-def validate_ssl_config(cfg: SSLConfig) -> None:
-    """Raise ConfigError naming the first bad key."""
-    from distillkit.data.datasets import list_datasets
-    from distillkit.models import list_models
-
-    _check(cfg.method in ("dino", "mokd"), "method", "choose from ('dino', 'mokd')", cfg.method)
-    if cfg.method == "mokd" and cfg.b is None:
-        raise ConfigError("method 'mokd' trains two models: set `b` (e.g. b.name=vit_tiny)")
-    if cfg.method == "dino" and cfg.b is not None:
-        raise ConfigError("config key 'b': method 'dino' trains one model (`a`); use method=mokd")
-    _check(cfg.dataset in list_datasets(), "dataset", f"choose from {list_datasets()}", cfg.dataset)
-    for name, m in cfg.member_configs().items():
-        if m.name not in list_models():
-            close = difflib.get_close_matches(m.name, list_models(), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"config key '{name}.name': unknown model {m.name!r}{hint}")
-        _check(
-            m.optimizer in ("sgd", "adamw"),
-            f"{name}.optimizer",
-            "choose from ('sgd', 'adamw')",
-            m.optimizer,
-        )
-        _check(m.lr > 0, f"{name}.lr", "must be > 0", m.lr)
-        _check(
-            0.0 <= m.ema_momentum <= 1.0,
-            f"{name}.ema_momentum",
-            "must be in [0, 1]",
-            m.ema_momentum,
-        )
-        _check(m.cross_weight >= 0, f"{name}.cross_weight", "must be >= 0", m.cross_weight)
-        _check(
-            m.grad_clip is None or m.grad_clip > 0,
-            f"{name}.grad_clip",
-            "must be > 0 or null",
-            m.grad_clip,
-        )
-    for key in (
-        "out_dim",
-        "head_hidden",
-        "head_bottleneck",
-        "head_layers",
-        "thead_width",
-        "thead_depth",
-        "thead_heads",
-        "epochs",
-        "batch_size",
-        "eval_batch_size",
-        "knn_k",
-        "probe_steps",
-    ):
-        _check(getattr(cfg, key) > 0, key, "must be > 0", getattr(cfg, key))
-    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp", "knn_temperature"):
-        _check(getattr(cfg, key) > 0, key, "must be > 0", getattr(cfg, key))
-    _check(
-        cfg.thead_head_layers >= 0,
-        "thead_head_layers",
-        "must be >= 0",
-        cfg.thead_head_layers,
-    )
-    _check(
-        cfg.thead_width % cfg.thead_heads == 0,
-        "thead_width",
-        f"must be divisible by thead_heads={cfg.thead_heads}",
-        cfg.thead_width,
-    )
-    _check(
-        0.0 <= cfg.center_momentum <= 1.0,
-        "center_momentum",
-        "must be in [0, 1]",
-        cfg.center_momentum,
-    )
-    _check(
-        cfg.local_crops_number >= 0, "local_crops_number", "must be >= 0", cfg.local_crops_number
-    )
-    _check(cfg.eval_every >= 0, "eval_every", "must be >= 0", cfg.eval_every)
-    for key in ("global_crops_scale", "local_crops_scale"):
-        v = getattr(cfg, key)
-        _check(
-            len(v) == 2 and 0 < v[0] <= v[1] <= 1,
-            key,
-            "must be [low, high] with 0 < low <= high <= 1",
-            v,
-        )
-    for key in (
-        "global_size",
-        "local_size",
-        "max_train_samples",
-        "image_size",
-        "eval_train_samples",
-        "eval_test_samples",
-    ):
-        v = getattr(cfg, key)
-        _check(v is None or v > 0, key, "must be > 0 or null", v)
-
-
-def ssl_config_from_dict(data: dict[str, Any]) -> SSLConfig:
-    """Build and validate an SSLConfig; unknown keys are errors that name the key."""
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"a config must be a mapping of keys to values, got {type(data).__name__}"
-        )
-    cfg = _build(SSLConfig, data)
-    validate_ssl_config(cfg)
-    return cfg
-
-
-def load_ssl_config(path: str | Path | None, overrides: list[str] | None = None) -> SSLConfig:
-    """Read a YAML SSL config (or none: defaults) and apply `key=value` overrides."""
-    return ssl_config_from_dict(read_config_data(path, overrides))
-
-
 # --------------------------------------------------------------------------- building
-
-
-def _sizes(cfg: SSLConfig, bundle: DataBundle) -> tuple[int, int]:
-    g = cfg.global_size or bundle.image_size
-    local = cfg.local_size or max(2, round(g * 96 / 224))
-    return g, local
-
-
-def build_member(
-    cfg: SSLConfig, mcfg: SSLModelConfig, bundle: DataBundle, with_thead: bool
-) -> SSLMember:
-    """Student network (backbone, head, optional T-head) and its EMA teacher."""
-    global_size, _ = _sizes(cfg, bundle)
-    model = build_model(
-        mcfg.name,
-        in_channels=bundle.in_channels,
-        num_classes=bundle.num_classes,
-        image_size=global_size,
-        **mcfg.kwargs,
-    )
-    backbone = SSLBackbone(model, mcfg.token_layer, probe_size=global_size)
-    head_bn = cfg.head_bn if mcfg.head_bn is None else mcfg.head_bn
-    head = DINOHead(
-        backbone.embed_dim,
-        cfg.out_dim,
-        cfg.head_hidden,
-        cfg.head_bottleneck,
-        cfg.head_layers,
-        mcfg.norm_last_layer,
-        head_bn,
-    )
-    thead = None
-    if with_thead:
-        thead = TransformerHead(
-            backbone.token_dim,
-            cfg.out_dim,
-            cfg.thead_width,
-            cfg.thead_depth,
-            cfg.thead_heads,
-            cfg.thead_mlp_ratio,
-            backbone.probe_grid,
-            mcfg.norm_last_layer,
-            cfg.thead_head_layers,
-            cfg.head_hidden,
-            cfg.head_bottleneck,
-            head_bn,
-        )
-    return SSLMember(SSLNetwork(backbone, head, thead), cfg.out_dim, mcfg.cross_weight)
 
 
 def build_method(cfg: SSLConfig, bundle: DataBundle) -> DINO:
     """The DINO or MOKD module, students initialised from cfg.seed (each member its own stream)."""
-    members = {}
-    for i, (name, mcfg) in enumerate(cfg.member_configs().items()):
-        torch.manual_seed(derive_seed(cfg.seed, 1000 + i))
-        members[name] = build_member(
-            cfg, mcfg, bundle, with_thead=cfg.method == "mokd" or cfg.thead
-        )
     if cfg.method == "mokd":
-        return MOKD(members, cfg.student_temp, cfg.center_momentum)
-    return DINO(members, cfg.student_temp, cfg.center_momentum, use_thead=cfg.thead)
+        return build_mokd(cfg, bundle)
+    return build_dino(cfg, bundle)
 
 
 def build_optimizer(mcfg: SSLModelConfig, module: nn.Module) -> torch.optim.Optimizer:
@@ -448,7 +180,7 @@ class SSLTrainer:
                 f"({self.loader.num_samples * self.ctx.world_size} samples)"
             )
         self.images = self.bundle.train.images.to(device)
-        g, local = _sizes(cfg, self.bundle)
+        g, local = cfg.crop_sizes(self.bundle.image_size)
         self.multicrop = MultiCrop(
             g,
             local,
@@ -625,26 +357,23 @@ class SSLTrainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """k-NN and linear-probe accuracy (%) of each EMA teacher's frozen backbone features."""
         cfg, b = self.cfg, self.bundle
-        train = _eval_subset(b.train, cfg.eval_train_samples, derive_seed(cfg.seed, 97))
-        test = _eval_subset(b.test, cfg.eval_test_samples, derive_seed(cfg.seed, 98))
-        out = {}
-        for n in self.names:
-            backbone = self.method.members[n].teacher.backbone
-            tr, te = (
-                extract_features(
-                    backbone, split.images, b.mean, b.std, self.device, cfg.eval_batch_size
-                )
-                for split in (train, test)
+        train = eval_subset(b.train, cfg.eval_train_samples, derive_seed(cfg.seed, 97))
+        test = eval_subset(b.test, cfg.eval_test_samples, derive_seed(cfg.seed, 98))
+        return {
+            n: probe_accuracies(
+                self.method.members[n].teacher.backbone,
+                train,
+                test,
+                b,
+                self.device,
+                batch_size=cfg.eval_batch_size,
+                knn_k=cfg.knn_k,
+                knn_temperature=cfg.knn_temperature,
+                probe_steps=cfg.probe_steps,
+                probe_l2=cfg.probe_l2,
             )
-            out[n] = {
-                "knn_acc": knn_accuracy(
-                    tr, train.labels, te, test.labels, b.num_classes, cfg.knn_k, cfg.knn_temperature
-                ),
-                "linear_acc": linear_probe_accuracy(
-                    tr, train.labels, te, test.labels, b.num_classes, cfg.probe_steps, cfg.probe_l2
-                ),
-            }
-        return out
+            for n in self.names
+        }
 
     def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
         """Train to cfg.epochs (or stop after `stop_after_epoch`, as a kill would) and summarise."""
@@ -734,14 +463,6 @@ class SSLTrainer:
             }
         )
         return out
-
-
-def _eval_subset(split: Split, limit: int | None, seed: int) -> Split:
-    """The whole split, or a fixed random `limit` of it (same subset at every evaluation)."""
-    if limit is None or limit >= len(split):
-        return split
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Split(split.images[idx], split.labels[idx])
 
 
 # --------------------------------------------------------------------------- entry points
