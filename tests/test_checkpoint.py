@@ -270,3 +270,17 @@ def test_checkpoint_file_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tmp_path):
+    import signal
+
+    from distillkit.engine.checkpoint import sigint_deferred
+
+    path = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-"write"
+            save_checkpoint(_state(), path)  # still runs to the end
+    assert load_checkpoint(path)["epoch"] == 3
+    assert os.listdir(tmp_path) == ["last.pt"]

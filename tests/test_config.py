@@ -79,6 +79,34 @@ def test_save_config_roundtrip(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+def test_save_config_history_is_a_comment_that_reads_back(tmp_path):
+    from distillkit.config import read_config_history
+
+    cfg = load_config(None, ["model=mlp"])
+    history = ["distillkit train model=mlp", "resume runs/x at epoch 2: epochs=4"]
+    save_config(cfg, tmp_path / "config.yaml", history)
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert read_config_history(tmp_path / "config.yaml") == history
+    assert read_config_history(tmp_path / "missing.yaml") == []
+
+
+def test_format_overrides_inverts_parse_overrides():
+    from distillkit.config import format_overrides
+
+    items = ["epochs=3", "subset.method=kt", "subset.fraction=0.5", "milestones=[1, 2]", "x=null"]
+    assert parse_overrides(format_overrides(parse_overrides(items))) == parse_overrides(items)
+
+
+def test_with_absolute_paths(tmp_path):
+    from distillkit.config import with_absolute_paths
+
+    cfg = load_config(None, ["method=kd", "teacher=runs/t", "data_dir=data"])
+    out = with_absolute_paths(cfg, tmp_path)
+    assert out.teacher == str(tmp_path / "runs" / "t")
+    assert out.data_dir == str(tmp_path / "data")
+    assert with_absolute_paths(out, tmp_path / "elsewhere") == out  # absolute stays as is
+
+
 def test_parse_overrides_nested_and_typed():
     out = parse_overrides(["a=1", "b=x", "c.d=0.5", "c.e=true", "f="])
     assert out == {"a": 1, "b": "x", "c": {"d": 0.5, "e": True}, "f": None}
@@ -163,6 +191,11 @@ def test_wrong_type_names_the_key(override, key):
         ("temperature=0", "temperature"),
         ("subset.fraction=0", "subset.fraction"),
         ("subset.fraction=1.5", "subset.fraction"),
+        ("save_every=0", "save_every"),
+        ("warmup_epochs=-1", "warmup_epochs"),
+        ("image_size=0", "image_size"),
+        ("name=../elsewhere", "name"),
+        ("name=a/b", "name"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -44,6 +44,7 @@ def cmd_train(args: argparse.Namespace, default_method: str | None = None) -> in
     from distillkit.runner import format_json, run
 
     config, overrides = _split_config_arg(args)
+    history = [" ".join([f"distillkit {args.command}", *([config] if config else []), *overrides])]
     if default_method is not None:
         given = {}
         if config:
@@ -58,7 +59,7 @@ def cmd_train(args: argparse.Namespace, default_method: str | None = None) -> in
         raise ValueError(
             "`distillkit distill` needs a distillation method (`distillkit methods` lists them); use `train` for ce"
         )
-    summary = run(cfg)
+    summary = run(cfg, history=history)
     if not cfg.quiet and os.environ.get("RANK", "0") == "0":
         print(format_json(summary))
     return 0
@@ -100,7 +101,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     notes = {
         "digits": "scikit-learn's 8x8 digits, bundled (default)",
-        "fashion-mnist": "IDX files: --data-dir, $DISTILLKIT_DATA or apt-get install dataset-fashion-mnist",
+        "fashion-mnist": "IDX files: data_dir=DIR, $DISTILLKIT_DATA or apt-get install dataset-fashion-mnist",
         "cifar10": "python-pickle batches (cifar-10-batches-py) from data_dir",
         "cifar100": "python-pickle files (cifar-100-python) from data_dir",
         "imagefolder": "data_dir/{train,test}/<class>/*.png|jpg",
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--verbose",
+        dest="global_verbose",
+        action="store_true",
+        help="show the underlying detail of errors (also accepted after the command)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (method=ce by default)")
@@ -189,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("demo", help="teacher, student alone and KD student on digits")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output folder: new, empty, or an earlier demo output (only its parts are replaced)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="override every run's epochs")
     p.add_argument("--verbose", action="store_true", help="per-epoch lines")
     p.set_defaults(func=cmd_demo)
@@ -207,20 +218,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_detail(exc: BaseException) -> str | None:
+    """The underlying explanation of an error, shown only under --verbose."""
+    detail = getattr(exc, "detail", None)
+    if detail:
+        return str(detail)
+    cause = exc.__cause__
+    return f"{type(cause).__name__}: {cause}" if cause is not None else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; user errors print one clear line and exit with status 2."""
+    """Entry point; user errors print one clear line and exit with status 2, Ctrl-C 130."""
     from distillkit.config import ConfigError
     from distillkit.engine.checkpoint import CheckpointError
+    from distillkit.runner import RunInterrupted
 
     parser = build_parser()
     # key=value overrides may come after flags (`train cfg.yaml --quiet lr=0.1`), which plain
     # argparse would reject once the positional list has been consumed
     args, extra = parser.parse_known_args(argv)
+    # `--verbose` is global but also accepted after the command (demo has its own, which also counts)
+    verbose = args.global_verbose or "--verbose" in extra or getattr(args, "verbose", False) is True
+    extra = [e for e in extra if e != "--verbose"]
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         return args.func(args)
     except (
@@ -231,8 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ValueError,
         FloatingPointError,
     ) as exc:
-        print(f"distillkit {args.command}: error: {exc}", file=sys.stderr)
+        detail = _error_detail(exc)
+        hint = " (--verbose for details)" if getattr(exc, "detail", None) and not verbose else ""
+        print(f"distillkit {args.command}: error: {exc}{hint}", file=sys.stderr)
+        if verbose and detail:
+            print(detail, file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        if main_rank:
+            print(f"distillkit {args.command}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"distillkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

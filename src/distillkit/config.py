@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ class RunConfig:
     # teacher: a run directory or checkpoint file of a trained model
     teacher: str | None = None
     teacher_cache: bool = False
+    # refuse a teacher trained on another dataset or input size (channels and classes always must match)
+    teacher_dataset_check: bool = True
     # optimisation
     epochs: int = 10
     batch_size: int = 128  # global batch: split over processes under torchrun
@@ -183,6 +187,18 @@ def _validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {value!r}")
+    if cfg.save_every < 1:
+        raise ConfigError(f"config key 'save_every': must be >= 1, got {cfg.save_every!r}")
+    if cfg.warmup_epochs < 0:
+        raise ConfigError(f"config key 'warmup_epochs': must be >= 0, got {cfg.warmup_epochs!r}")
+    if cfg.image_size is not None and cfg.image_size <= 0:
+        raise ConfigError(f"config key 'image_size': must be > 0, got {cfg.image_size!r}")
+    # the name becomes runs/<name>: a path in it would write outside runs/
+    if not cfg.name or "/" in cfg.name or "\\" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(
+            f"config key 'name': must be a plain name, got {cfg.name!r}; use out_dir=PATH "
+            "to choose the run directory"
+        )
     if not 0.0 <= cfg.alpha <= 1.0:
         raise ConfigError(f"config key 'alpha': must be in [0, 1], got {cfg.alpha!r}")
     if not 0.0 < cfg.subset.fraction <= 1.0:
@@ -301,6 +317,65 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(read_config_data(path, overrides))
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(base / Path(path).expanduser())
+
+
+def with_absolute_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
+    """A copy of cfg whose teacher and data_dir no longer depend on the working directory."""
+    where = Path(base) if base is not None else Path.cwd()
+    return dataclasses.replace(
+        cfg, teacher=_absolute(cfg.teacher, where), data_dir=_absolute(cfg.data_dir, where)
+    )
+
+
+HISTORY_TITLE = "# how this run was made, oldest first:"
+HISTORY_PREFIX = "#   "
+
+
+def save_config(cfg: RunConfig, path: str | Path, history: list[str] | None = None) -> None:
+    """Write the resolved config as YAML (atomically), `history` as a comment header."""
+    path = Path(path)
+    header = ""
+    if history:
+        header = "\n".join([HISTORY_TITLE, *(HISTORY_PREFIX + h for h in history)]) + "\n"
+    text = header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_config_history(path: str | Path) -> list[str]:
+    """The history lines save_config wrote into a config file ([] if none or no file)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    lines = p.read_text().splitlines()
+    if not lines or lines[0] != HISTORY_TITLE:
+        return []
+    out = []
+    for line in lines[1:]:
+        if not line.startswith(HISTORY_PREFIX):
+            break
+        out.append(line[len(HISTORY_PREFIX) :])
+    return out
+
+
+def format_overrides(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """Inverse of parse_overrides: {'subset': {'method': 'kt'}} -> ['subset.method=kt']."""
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value:
+            out += format_overrides(value, f"{prefix}{key}.")
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            out.append(f"{prefix}{key}={text.removesuffix(chr(10) + '...').strip()}")
+    return out

@@ -11,8 +11,37 @@ from distillkit.report import markdown_table, plot_curves
 from distillkit.runner import run
 
 TEACHER = {"model": "resnet20", "epochs": 30, "lr": 0.1}
+# written first into a demo's output folder: only a folder holding it is ever cleared by a rerun
+MARKER = ".distillkit-demo"
+# everything the demo writes; a rerun removes these and nothing else
+OUTPUTS = ("teacher", "student", "kd", "summary.md", "curves.png")
 # a 1-pixel random crop is a 12% shift on 8x8 digits: the students train better without it
 STUDENT = {"model": "mlp", "epochs": 30, "lr": 0.05, "augment": False}
+
+
+def prepare_output(out: Path) -> None:
+    """Make `out` ready for a demo: new or empty, or an earlier demo's output (its parts removed).
+
+    A folder with anything else in it and no demo marker is refused: the demo never deletes what
+    it did not create.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            found = sorted(p.name for p in out.iterdir())[0]
+            raise FileExistsError(
+                f"--out {out} is not empty and is not an earlier demo output (found {found}); "
+                "choose another folder"
+            )
+        for name in OUTPUTS:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("distillkit demo output: `distillkit demo` may replace its parts\n")
 
 
 def run_demo(
@@ -20,8 +49,7 @@ def run_demo(
 ) -> list[dict[str, Any]]:
     """Train the three runs under `out`, print the table, write summary.md and curves.png."""
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    prepare_output(out)
     common = {"dataset": "digits", "seed": seed, "quiet": quiet, "batch_size": 64}
     teacher = dict(TEACHER, **common, name="teacher", method="ce", out_dir=str(out / "teacher"))
     student = dict(STUDENT, **common, name="student", method="ce", out_dir=str(out / "student"))

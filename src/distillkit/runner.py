@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from distillkit.config import ConfigError, RunConfig, config_from_dict, resolve_options, save_config
+from distillkit.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    format_overrides,
+    read_config_history,
+    resolve_options,
+    save_config,
+    with_absolute_paths,
+)
 from distillkit.data.datasets import DataBundle, load_dataset
 from distillkit.data.transforms import normalize, to_float
 from distillkit.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
@@ -42,17 +52,63 @@ class Prepared:
     model_meta: dict[str, Any]
 
 
+class RunInterrupted(Exception):
+    """Training stopped by Ctrl-C; the message says where the last checkpoint is."""
+
+
+def _describe(dataset: Any, channels: Any, size: Any, classes: Any) -> str:
+    return f"'{dataset}' ({channels}x{size}x{size}, {classes} classes)"
+
+
+def check_teacher_data(cfg: RunConfig, meta: dict[str, Any], bundle: DataBundle) -> None:
+    """Refuse a teacher trained on other data than this run's (see teacher_dataset_check)."""
+    theirs = _describe(
+        meta.get("dataset", "?"), meta["in_channels"], meta.get("image_size"), meta["num_classes"]
+    )
+    ours = _describe(bundle.name, bundle.in_channels, bundle.image_size, bundle.num_classes)
+    where = f"teacher {cfg.teacher} was trained on {theirs}, this run uses {ours}"
+    if meta["num_classes"] != bundle.num_classes or meta["in_channels"] != bundle.in_channels:
+        raise ConfigError(f"{where}: a teacher needs the same input channels and classes")
+    classes = meta.get("classes")
+    differs = (
+        meta.get("dataset") != bundle.name
+        or meta.get("image_size") != bundle.image_size
+        or (classes is not None and list(classes) != list(bundle.classes))
+    )
+    if differs and cfg.teacher_dataset_check:
+        raise ConfigError(f"{where}; set teacher_dataset_check=false to use it anyway")
+
+
 def load_teacher(cfg: RunConfig, bundle: DataBundle) -> LocalTeacher:
     """The teacher model of a finished run, checked against the dataset it will see."""
     model, state = model_from_checkpoint(cfg.teacher, which="best")
-    meta = state["model_meta"]
-    if meta["num_classes"] != bundle.num_classes or meta["in_channels"] != bundle.in_channels:
-        raise ConfigError(
-            f"teacher {cfg.teacher} was trained for {meta['in_channels']}-channel inputs and "
-            f"{meta['num_classes']} classes, dataset '{bundle.name}' has {bundle.in_channels} and "
-            f"{bundle.num_classes}"
-        )
+    check_teacher_data(cfg, state["model_meta"], bundle)
     return LocalTeacher(model)
+
+
+def build_student(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
+    """The model being trained; a model_kwargs entry the model does not take is a ConfigError."""
+    try:
+        return build_model(
+            cfg.model,
+            in_channels=bundle.in_channels,
+            num_classes=bundle.num_classes,
+            image_size=bundle.image_size,
+            **cfg.model_kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        if not cfg.model_kwargs:
+            raise
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown:
+            raise ConfigError(
+                f"config key 'model_kwargs.{unknown.group(1)}': model '{cfg.model}' has no "
+                f"argument '{unknown.group(1)}'"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"config key 'model_kwargs': model '{cfg.model}' rejected {cfg.model_kwargs}: {first}"
+        ) from None
 
 
 def build_distiller(
@@ -109,13 +165,7 @@ def prepare(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> Prepa
     teacher = load_teacher(cfg, bundle).to(device) if cfg.teacher else None
     # the student is built after seeding so every rank (and every rerun) starts from the same weights
     torch.manual_seed(cfg.seed)
-    student = build_model(
-        cfg.model,
-        in_channels=bundle.in_channels,
-        num_classes=bundle.num_classes,
-        image_size=bundle.image_size,
-        **cfg.model_kwargs,
-    )
+    student = build_student(cfg, bundle)
     if teacher is not None and cfg.teacher_cache and cfg.method == "kd":
         if cfg.augment:
             raise ConfigError(
@@ -143,9 +193,9 @@ def prepare(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> Prepa
     return Prepared(cfg, bundle, distiller, device, ctx, run_dir, indices, meta)
 
 
-def _write_run_files(p: Prepared) -> None:
+def _write_run_files(p: Prepared, history: list[str] | None) -> None:
     p.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(p.cfg, p.run_dir / "config.yaml")
+    save_config(p.cfg, p.run_dir / "config.yaml", history)
     if p.train_indices is not None:
         np.save(p.run_dir / "subset_indices.npy", np.asarray(p.train_indices, dtype=np.int64))
 
@@ -171,8 +221,28 @@ def _execute(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]
         gc.collect()
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Train a fresh run from its config; refuses to overwrite a run directory that has checkpoints."""
+def interrupted_message(run_dir: Path) -> str:
+    """What to tell the user after Ctrl-C: the last checkpoint and how to continue from it."""
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if ckpt.is_file():
+        return f"interrupted; last checkpoint: {ckpt}; continue with `distillkit resume {run_dir}`"
+    return f"interrupted before the first checkpoint of {run_dir} was written; nothing to resume"
+
+
+def _execute_interruptible(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        return _execute(p, resume_state)
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_message(p.run_dir)) from None
+
+
+def run(cfg: RunConfig, history: list[str] | None = None) -> dict[str, Any]:
+    """Train a fresh run from its config; refuses to overwrite a run directory that has checkpoints.
+
+    `history` (e.g. the command line) is written as a comment at the top of config.yaml.
+    """
+    # the saved config must work from any folder: paths relative to here become absolute
+    cfg = with_absolute_paths(cfg)
     ckpt = cfg.run_dir() / "checkpoints" / "last.pt"
     if ckpt.exists():
         raise FileExistsError(
@@ -181,9 +251,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         )
     p = prepare(cfg)
     if p.ctx.is_main:
-        _write_run_files(p)
+        _write_run_files(p, history)
     barrier(p.ctx)
-    return _execute(p, None)
+    return _execute_interruptible(p, None)
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -193,15 +263,28 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     if state.get("kind") == "ssl":  # self-supervised runs have their own trainer
         from distillkit.ssl_train import resume_ssl
 
-        return resume_ssl(run_dir, overrides)
+        try:
+            return resume_ssl(run_dir, overrides)
+        except KeyboardInterrupt:
+            raise RunInterrupted(interrupted_message(run_dir)) from None
     data = dict(state["config"])
     data["out_dir"] = str(run_dir)
     data.update(overrides or {})
-    cfg = config_from_dict(data)
+    cfg = with_absolute_paths(config_from_dict(data))
+    trained = int(state["epoch"])
+    if cfg.epochs < trained:
+        # training would not run, yet config.yaml would claim fewer epochs than the weights saw
+        raise ConfigError(
+            f"run {run_dir} has already trained {trained} epochs; epochs={cfg.epochs} cannot "
+            f"shorten it (give epochs={trained} or more)"
+        )
+    given = " ".join(format_overrides(overrides or {})) or "(no overrides)"
+    history = read_config_history(run_dir / "config.yaml")
+    history.append(f"resume {run_dir} at epoch {trained}: {given}")
     p = prepare(cfg, resume_state=state)
     if p.ctx.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    return _execute(p, state)
+        save_config(cfg, run_dir / "config.yaml", history)
+    return _execute_interruptible(p, state)
 
 
 def evaluate_checkpoint(

@@ -108,7 +108,7 @@ def _train_student(
     cfg, label: str, name: str, params: dict[str, Any], seed: int, out_dir: Path
 ) -> dict[str, Any]:
     """Distill one student with kd_da and the scheme; reuse a finished run of the same config."""
-    from distillkit.config import config_from_dict, load_config
+    from distillkit.config import config_from_dict, load_config, with_absolute_paths
     from distillkit.runner import run
 
     data = cfg.to_dict()
@@ -123,7 +123,8 @@ def _train_student(
         out_dir=str(run_dir),
         teacher_cache=False,
     )
-    student_cfg = config_from_dict(data)
+    # run() saves teacher and data_dir as absolute paths: compare like with like
+    student_cfg = with_absolute_paths(config_from_dict(data))
     metrics = run_dir / "metrics.json"
     if metrics.is_file() and (run_dir / "config.yaml").is_file():
         if load_config(run_dir / "config.yaml").to_dict() == student_cfg.to_dict():

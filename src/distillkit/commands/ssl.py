@@ -32,9 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_ssl(args: argparse.Namespace) -> int:
     """Run (or resume) an SSL config and print its summary."""
+    from pathlib import Path
+
     from distillkit.cli import _split_config_arg
     from distillkit.config import parse_overrides
-    from distillkit.runner import format_json
+    from distillkit.runner import RunInterrupted, format_json, interrupted_message
     from distillkit.ssl_train import load_ssl_config, resume_ssl, run_ssl
 
     config, overrides = _split_config_arg(args)
@@ -43,12 +45,19 @@ def cmd_ssl(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--resume takes the run directory's own config; pass only key=value overrides"
             )
-        summary = resume_ssl(args.resume, parse_overrides(overrides))
+        run_dir = Path(args.resume)
         quiet = args.quiet
     else:
         cfg = load_ssl_config(config, overrides)
-        summary = run_ssl(cfg)
+        run_dir = cfg.run_dir()
         quiet = cfg.quiet
+    try:
+        if args.resume:
+            summary = resume_ssl(args.resume, parse_overrides(overrides))
+        else:
+            summary = run_ssl(cfg)
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_message(run_dir)) from None
     if not quiet and os.environ.get("RANK", "0") == "0":
         print(format_json(summary))
     return 0

@@ -10,14 +10,25 @@ from distillkit.engine.logging import read_metrics
 
 def plot_curves(runs: dict[str, str | Path], out_png: str | Path, key: str = "test_acc") -> Path:
     """One line per run of `key` against epoch, saved as a PNG."""
+    # read and check everything first: an unknown key must not leave an empty plot behind
+    series = {}
+    for label, run_dir in runs.items():
+        all_rows = read_metrics(run_dir)
+        rows = [r for r in all_rows if r.get(key) is not None]
+        if not rows:
+            present = sorted({k for r in all_rows for k in r if k != "epoch"})
+            raise ValueError(
+                f"run {run_dir} has no metric {key!r}; its metrics are: {', '.join(present) or '(none)'}"
+            )
+        series[label] = rows
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, run_dir in runs.items():
-        rows = [r for r in read_metrics(run_dir) if r.get(key) is not None]
+    for label, rows in series.items():
         ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(key.replace("_", " "))
