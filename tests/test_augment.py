@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from distillkit.data.augment import (
     mixup_batch,
     parse_scheme,
 )
+from distillkit.data.transforms import BatchShard, use_shard
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -216,3 +219,104 @@ def test_registry_errors_name_the_problem():
         CutMixPick(n_pick=40).pick(torch.zeros(8, 1, 4, 4), teacher=_teacher(1.0))
     assert parse_scheme("cutout:holes=2:length=4") == ("cutout", {"holes": 2, "length": 4})
     assert parse_scheme("cutmixpick:criterion=kl") == ("cutmixpick", {"criterion": "kl"})
+
+
+# --------------------------------------------------------------------------- data-parallel shards
+
+
+def _as_ranks(counts: tuple[int, ...], fn):
+    """Run fn(shard) once per simulated rank, on threads whose `gather` is a real all-gather."""
+    n = len(counts)
+    barrier, slots, out, errors = threading.Barrier(n, timeout=20), [None] * n, [None] * n, []
+
+    def worker(rank: int) -> None:
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t[: counts[rank]]
+            barrier.wait()
+            full = torch.cat(slots)
+            barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return full
+
+        shard = dataclasses.replace(BatchShard.from_counts(counts, rank), gather=gather)
+        try:
+            with use_shard(shard):
+                out[rank] = fn(shard)
+        except Exception as exc:  # surfaced in the main thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+SHARDED = [
+    ("flip", {}),
+    ("crop_flip", {"padding": 2}),
+    ("cutout", {"holes": 2, "length": 3}),
+    ("mixup", {}),
+    ("mixup", {"per_sample": False}),
+    ("cutmix", {}),
+    ("randaugment", {"random_magnitude": True, "magnitude": 20.0}),
+]
+
+
+@pytest.mark.parametrize("counts", [(4, 4), (3, 2, 2), (3, 0)])
+@pytest.mark.parametrize("name,params", SHARDED, ids=[f"{n}{p}" for n, p in SHARDED])
+def test_shards_of_a_batch_are_augmented_as_the_whole_batch(counts, name, params):
+    # Each rank holds its slice of the global batch and its own generator with the same seed (as
+    # ranks seeded alike): concatenated, their outputs must be the single-process output.
+    aug = build_augmentation(name, **params)
+    x = torch.rand(sum(counts), 2, 8, 8, generator=_gen(0))
+    whole = aug(x, _gen(4))
+
+    def rank_output(shard: BatchShard) -> torch.Tensor:
+        return aug(x[shard.positions], _gen(4))
+
+    parts = _as_ranks(counts, rank_output)
+    joined = torch.cat([p[:c] for p, c in zip(parts, counts)])
+    assert torch.equal(joined, whole), name
+    # a rank without samples holds the batch's last sample as padding
+    for p, c in zip(parts, counts):
+        assert len(p) == max(c, 1)
+
+
+@pytest.mark.parametrize("counts", [(6, 6), (5, 4, 3)])
+def test_sharded_cutmixpick_picks_from_the_global_pool(counts):
+    x = torch.randn(sum(counts), 1, 8, 8, generator=_gen(0))
+    x = x + torch.linspace(-2, 2, len(x)).reshape(-1, 1, 1, 1)
+    queried = []
+
+    def teacher(z: torch.Tensor) -> torch.Tensor:
+        queried.append(len(z))
+        return _teacher(3.0)(z)
+
+    aug = CutMixPick(mix_n_run=3)
+    whole = aug.pick(x, _gen(7), teacher=teacher)
+    queried.clear()
+    parts = _as_ranks(counts, lambda s: aug.pick(x[s.positions], _gen(7), teacher=teacher))
+    # each rank scored only its own rows of the pool: the teacher saw the pool once in total
+    assert sorted(queried) == sorted(3 * c for c in counts)
+    for p in parts:
+        torch.testing.assert_close(p.scores, whole.scores)
+        torch.testing.assert_close(p.pool, whole.pool)
+    # the default n_pick is the global batch, split over the ranks like the batch
+    assert torch.equal(torch.cat([p.index for p in parts]), whole.index)
+    assert torch.equal(torch.cat([p.x for p in parts]), whole.x)
+    torch.testing.assert_close(
+        torch.cat([p.teacher_log_probs for p in parts]), whole.teacher_log_probs
+    )
+
+
+def test_sharded_mixing_without_gather_is_refused():
+    x = torch.rand(4, 1, 4, 4)
+    with use_shard(BatchShard.from_counts((4, 4), 0)), pytest.raises(ValueError, match="gather"):
+        mixup_batch(x, generator=_gen(0))
+    # a batch that is not this rank's slice (other length) is augmented on its own
+    with use_shard(BatchShard.from_counts((4, 4), 0)):
+        assert mixup_batch(torch.rand(3, 1, 4, 4), generator=_gen(0)).x.shape == (3, 1, 4, 4)

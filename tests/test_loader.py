@@ -9,6 +9,7 @@ from distillkit.data import (
     BatchLoader,
     DataBundle,
     Split,
+    derive_seed,
     make_loaders,
     normalize,
     random_crop_flip,
@@ -145,21 +146,52 @@ def test_no_shuffle_is_sequential():
     assert idx.tolist() == list(range(50))
 
 
-@pytest.mark.parametrize("n", [50, 49])
-def test_shards_union_equals_single_process(n):
-    split = _split(n)
-    single = torch.cat([i for _, _, i in _epoch(_loader(split, batch_size=8), 2)])
-    shards = [
-        torch.cat([i for _, _, i in _epoch(_loader(split, batch_size=4, rank=r, world_size=2), 2)])
-        for r in range(2)
+@pytest.mark.parametrize("n", [50, 49, 51, 48, 3])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_their_slice_of_the_single_process_batch(n, world_size):
+    # 50 ends with a batch of 2 split 1 + 1, 49 with a batch of 1 (the other rank gets one padding
+    # row), 51 with 3 split 2 + 1; crops and flips must be the same pixels, not just the same indices
+    split = _split(n, c=2)
+    kw = dict(augment=True, flip=True, padding=2)
+    single = _epoch(_loader(split, batch_size=8 * world_size, **kw), 2)
+    ranks = [
+        _loader(split, batch_size=8, rank=r, world_size=world_size, **kw) for r in range(world_size)
     ]
-    assert len(shards[0]) == len(shards[1])  # ranks must agree on the step count
-    # Interleaving rank 0 and rank 1 reproduces the single-process order (plus wrap padding).
-    merged = torch.stack(shards, 1).flatten()
-    assert torch.equal(merged[:n], single)
-    assert set(merged.tolist()) == set(range(n))
-    if n % 2:
-        assert merged[n:].tolist() == single[: len(merged) - n].tolist()
+    shards = [_epoch(loader, 2) for loader in ranks]
+    assert all(len(s) == len(single) for s in shards)  # ranks must agree on the step count
+    for step, (x, y, idx) in enumerate(single):
+        t = len(idx)
+        counts = tuple(t // world_size + (r < t % world_size) for r in range(world_size))
+        parts = [s[step] for s in shards]
+        # a rank with no sample left gets one padding row (the batch's last sample), weight 0
+        real = [(px[:c], py[:c], pi[:c]) for (px, py, pi), c in zip(parts, counts)]
+        assert torch.equal(torch.cat([r[2] for r in real]), idx)
+        assert torch.equal(torch.cat([r[1] for r in real]), y)
+        assert torch.equal(torch.cat([r[0] for r in real]), x)
+        for (px, _, pi), c in zip(parts, counts):
+            assert len(pi) == max(c, 1)
+            if c == 0:
+                assert pi.tolist() == idx[-1:].tolist() and torch.equal(px, x[-1:])
+        for r, loader in enumerate(ranks):
+            assert loader.shard_counts(step) == counts
+            shard = loader.shard(step)
+            assert shard.counts == counts and shard.rank == r
+            assert shard.positions.tolist() == (
+                list(range(sum(counts[:r]), sum(counts[: r + 1]))) or [len(idx) - 1]
+            )
+
+
+def test_single_process_batches_are_unchanged_by_sharding_support():
+    # the single-process stream is what existing runs (and their resumes) were trained on
+    split = _split(50, c=2)
+    loader = _loader(split, augment=True, flip=True, padding=2)
+    loader.set_epoch(4)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(derive_seed(7, 4, 0)))
+    gen = torch.Generator().manual_seed(derive_seed(7, 4, 1, 0))
+    for i, (x, _, idx) in enumerate(loader):
+        assert torch.equal(idx, order[i * 8 : (i + 1) * 8])
+        want = random_crop_flip(to_float(split.images[idx]), 2, True, gen)
+        torch.testing.assert_close(x, normalize(want, [0.5, 0.5], [0.25, 0.25]))
 
 
 def test_shard_augmentation_differs_per_rank_but_is_deterministic():

@@ -14,6 +14,11 @@ Randomness comes from an explicit ``torch.Generator`` or, when none is given, fr
 torch RNG (the trainer saves and restores it, so resumed runs stay exact). Draws always happen on
 the generator's device (CPU by default), so results do not depend on where the batch lives.
 
+Under data parallelism the trainer sets a `BatchShard` (`transforms.use_shard`): every op then draws
+for the whole global batch and keeps this process's rows, and the mixing ops take partners from the
+global batch, so each sample is augmented as in a single-process run. This needs the ranks' RNGs in
+step, which holds while every rank draws the same amounts (same seed, no per-rank dropout draws).
+
 Build any of them by name with `build_augmentation(name, **params)`; unknown names and bad
 parameters raise ValueError naming them.
 """
@@ -30,7 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transforms import random_crop_flip
+from .transforms import (
+    POLICY_OPS,
+    BatchShard,
+    CutMixResult,
+    MixupResult,
+    _rand,
+    _randint,
+    cutmix_batch,
+    derangement,
+    draw_size,
+    mixup_batch,
+    random_crop_flip,
+    shard_for,
+    take_rows,
+)
 
 __all__ = [
     "AugOutput",
@@ -44,6 +63,7 @@ __all__ = [
     "Identity",
     "Mixup",
     "MixupResult",
+    "POLICY_OPS",
     "RandAugment",
     "build_augmentation",
     "cutmix_batch",
@@ -55,45 +75,6 @@ __all__ = [
 ]
 
 LogProbFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-# --------------------------------------------------------------------------- randomness helpers
-
-
-def _gen_device(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
-
-
-def _rand(shape: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(tuple(shape), generator=generator, device=_gen_device(generator))
-
-
-def _randint(high: int, shape: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randint(0, high, tuple(shape), generator=generator, device=_gen_device(generator))
-
-
-def _beta(a: float, b: float, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Beta(a, b) samples via two Gamma draws; torch's Beta sampler takes no generator."""
-    dev = _gen_device(generator)
-    ga = torch._standard_gamma(torch.full((n,), float(a), device=dev), generator=generator)
-    gb = torch._standard_gamma(torch.full((n,), float(b), device=dev), generator=generator)
-    total = ga + gb
-    # both gammas can underflow to 0 for tiny alpha; fall back to a fair coin then
-    lam = torch.where(
-        total > 0, ga / total.clamp_min(1e-30), (_rand((n,), generator) < 0.5).float()
-    )
-    return lam.clamp(0.0, 1.0)
-
-
-def derangement(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random permutation of range(n) with no fixed points (identity when n < 2)."""
-    if n < 2:
-        return torch.arange(n)
-    order = torch.randperm(n, generator=generator, device=_gen_device(generator)).cpu()
-    # following one random cycle through all samples: everyone gets a partner other than itself
-    perm = torch.empty(n, dtype=torch.long)
-    perm[order] = order.roll(-1)
-    return perm
 
 
 # --------------------------------------------------------------------------- base class
@@ -211,7 +192,7 @@ class Flip(Augmentation):
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample horizontal flips."""
-        coins = (_rand((x.shape[0],), generator) < self.p).to(x.device)
+        coins = take_rows(_rand((draw_size(x),), generator) < self.p, x).to(x.device)
         return torch.where(coins[:, None, None, None], x.flip(-1), x)
 
 
@@ -271,85 +252,9 @@ class Cutout(Augmentation):
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Multiply each image by its own hole mask."""
-        b, _, h, w = x.shape
-        return x * self.masks(b, h, w, generator).to(device=x.device, dtype=x.dtype)
-
-
-# --------------------------------------------------------------------------- mixing ops
-
-
-@dataclass
-class MixupResult:
-    """A mixup batch: x_mixed[i] = lam[i] * x[i] + (1 - lam[i]) * x[perm[i]]."""
-
-    x: torch.Tensor
-    perm: torch.Tensor
-    lam: torch.Tensor
-
-
-def mixup_batch(
-    x: torch.Tensor,
-    alpha: float = 1.0,
-    generator: torch.Generator | None = None,
-    per_sample: bool = True,
-) -> MixupResult:
-    """Mix each image with a partner (no fixed points) by lambda ~ Beta(alpha, alpha)."""
-    b = x.shape[0]
-    perm = derangement(b, generator)
-    lam = _beta(alpha, alpha, b if per_sample else 1, generator)
-    if not per_sample:
-        lam = lam.expand(b).clone()
-    lam_x = lam.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
-    mixed = lam_x * x + (1.0 - lam_x) * x[perm.to(x.device)]
-    return MixupResult(mixed, perm, lam)
-
-
-@dataclass
-class CutMixResult:
-    """A cutmix batch: box [y1:y2, x1:x2] of image i comes from image perm[i].
-
-    `lam` is the fraction of image i that is kept (1 - box area / (H W), after clipping);
-    `lam_drawn` is the Beta draw the box size came from.
-    """
-
-    x: torch.Tensor
-    perm: torch.Tensor
-    lam: torch.Tensor
-    lam_drawn: torch.Tensor
-    boxes: torch.Tensor  # (B, 4) int64: y1, y2, x1, x2
-
-
-def cutmix_batch(
-    x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None
-) -> CutMixResult:
-    """Paste a box from a partner image (no fixed points) into each image, one box per sample."""
-    b, _, h, w = x.shape
-    perm = derangement(b, generator)
-    lam_drawn = _beta(beta, beta, b, generator).cpu()
-    cut = torch.sqrt(1.0 - lam_drawn)
-    # CutMix's box: side sqrt(1 - lam) of the image, centre uniform, clipped at the border
-    cut_h = (h * cut).floor().long()
-    cut_w = (w * cut).floor().long()
-    cy = _randint(h, (b,), generator).cpu()
-    cx = _randint(w, (b,), generator).cpu()
-    y1 = (cy - cut_h // 2).clamp(0, h)
-    y2 = (cy - cut_h // 2 + cut_h).clamp(0, h)
-    x1 = (cx - cut_w // 2).clamp(0, w)
-    x2 = (cx - cut_w // 2 + cut_w).clamp(0, w)
-    boxes = torch.stack([y1, y2, x1, x2], dim=1)
-    # clipping shrinks boxes, so lambda is re-derived from the area actually pasted
-    lam = 1.0 - ((y2 - y1) * (x2 - x1)).double() / float(h * w)
-    rows = torch.arange(h)[None, :, None]
-    cols = torch.arange(w)[None, None, :]
-    inside = (
-        (rows >= y1[:, None, None])
-        & (rows < y2[:, None, None])
-        & (cols >= x1[:, None, None])
-        & (cols < x2[:, None, None])
-    )
-    inside = inside[:, None].to(x.device)
-    mixed = torch.where(inside, x[perm.to(x.device)], x)
-    return CutMixResult(mixed, perm, lam.float(), lam_drawn, boxes)
+        _, _, h, w = x.shape
+        masks = take_rows(self.masks(draw_size(x), h, w, generator), x)
+        return x * masks.to(device=x.device, dtype=x.dtype)
 
 
 @register_augmentation("mixup")
@@ -478,7 +383,11 @@ class CutMixPick(Augmentation):
         student: LogProbFn | None = None,
         temperature: float = 4.0,
     ) -> PickResult:
-        """Build the pool, score it, and keep the n_pick highest-scoring samples."""
+        """Build the pool, score it, and keep the n_pick highest-scoring samples.
+
+        Under a `BatchShard` the pool and the pick are those of the global batch (n_pick defaults
+        to its size); each rank scores its own rows and returns its part of the picks.
+        """
         _check_batch(x)
         if self.needs_teacher and teacher is None:
             raise ValueError(f"cutmixpick with criterion={self.criterion!r} needs a teacher")
@@ -487,18 +396,28 @@ class CutMixPick(Augmentation):
                 f"cutmixpick with criterion={self.criterion!r} needs a student; "
                 "use criterion=teacher_entropy where no student exists (T. stddev)"
             )
-        pool = self.pool(x, generator)
-        n_pick = x.shape[0] if self.n_pick is None else self.n_pick
-        if n_pick > pool.shape[0]:
+        shard = shard_for(x)
+        batch = x.shape[0] if shard is None else shard.total
+        n_pick = batch if self.n_pick is None else self.n_pick
+        if n_pick > self.mix_n_run * batch:
             raise ValueError(
-                f"cutmixpick: n_pick={n_pick} exceeds the pool of {pool.shape[0]} samples "
-                f"(mix_n_run={self.mix_n_run} x batch {x.shape[0]})"
+                f"cutmixpick: n_pick={n_pick} exceeds the pool of {self.mix_n_run * batch} samples "
+                f"(mix_n_run={self.mix_n_run} x batch {batch})"
             )
+        pool = self.pool(x, generator)
         with torch.no_grad():
             t_lp = teacher(pool) if teacher is not None else None
             s_logits = student(pool) if student is not None else None
             scores = pick_scores(self.criterion, t_lp, s_logits, temperature)
+        if shard is not None:
+            # each rank scored its own rows of every run; the pick is over the global pool
+            pool, scores = _gather_pool(pool, shard), _gather_pool(scores, shard)
+            t_lp = _gather_pool(t_lp, shard) if t_lp is not None else None
         index = scores.topk(n_pick).indices
+        if shard is not None:
+            part = shard.part_of(n_pick)
+            # a rank left without picks keeps one (weightless) row, as the loader pads batches
+            index = index[part] if part.stop > part.start else index[-1:]
         kept_t = t_lp[index] if t_lp is not None else None
         return PickResult(pool[index], index, scores, pool, kept_t)
 
@@ -522,6 +441,14 @@ class CutMixPick(Augmentation):
         return AugOutput(res.x, res.teacher_log_probs)
 
 
+def _gather_pool(v: torch.Tensor, shard: BatchShard) -> torch.Tensor:
+    """A pool of runs of local rows, (runs * local, ...), as the global pool (runs * total, ...)."""
+    runs = v.shape[0] // len(shard.positions)
+    local = v.reshape(runs, len(shard.positions), *v.shape[1:]).transpose(0, 1).contiguous()
+    full = shard.gather_all(local)  # (total, runs, ...)
+    return full.transpose(0, 1).reshape(runs * shard.total, *v.shape[1:])
+
+
 def student_scorer(student: nn.Module) -> LogProbFn:
     """Student logits without gradients and without moving its BatchNorm running statistics."""
 
@@ -536,125 +463,6 @@ def student_scorer(student: nn.Module) -> LogProbFn:
         return out
 
     return score
-
-
-# --------------------------------------------------------------------------- RandAugment-style policy
-
-
-def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
-
-
-def _gray_mean(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
-        g = (x * w.reshape(1, 3, 1, 1)).sum(1, keepdim=True)
-    else:
-        g = x.mean(1, keepdim=True)
-    return g.mean(dim=(2, 3), keepdim=True)
-
-
-def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Warp each image by its own 2x3 matrix (normalized coordinates), filling with 0 (black)."""
-    grid = F.affine_grid(
-        theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False
-    )
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def _op_identity(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _op_autocontrast(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
-    span = hi - lo
-    return torch.where(span > 1e-6, (x - lo) / span.clamp_min(1e-6), x)
-
-
-def _op_equalize(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # histogram equalization via ranks: each value goes to its empirical CDF, the minimum to 0
-    b, c, h, w = x.shape
-    flat = x.reshape(b, c, h * w)
-    ordered = flat.sort(dim=-1).values.contiguous()
-    cdf = torch.searchsorted(ordered, flat.contiguous(), right=True).to(x.dtype) / (h * w)
-    cdf_min = cdf.amin(dim=-1, keepdim=True)
-    out = (cdf - cdf_min) / (1.0 - cdf_min).clamp_min(1e-6)
-    constant = (ordered[..., -1:] - ordered[..., :1]) <= 1e-6
-    return torch.where(constant, flat, out).reshape(b, c, h, w)
-
-
-def _op_brightness(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return x * _per_sample(1.0 + 0.9 * m * s, x)
-
-
-def _op_contrast(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    mu = _gray_mean(x)
-    return mu + _per_sample(1.0 + 0.9 * m * s, x) * (x - mu)
-
-
-def _op_solarize(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    thr = _per_sample(1.0 - m, x)
-    return torch.where(x >= thr, 1.0 - x, x)
-
-
-def _op_posterize(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    bits = (8 - (4 * m).round()).clamp(4, 8)
-    step = _per_sample(2.0 ** (8 - bits), x)
-    return torch.floor(x * 255.0 / step) * step / 255.0
-
-
-def _op_rotate(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    a = torch.deg2rad(30.0 * m * s)
-    theta = torch.zeros(len(a), 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = a.cos(), -a.sin()
-    theta[:, 1, 0], theta[:, 1, 1] = a.sin(), a.cos()
-    return _affine(x, theta)
-
-
-def _op_shear_x(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    theta = torch.zeros(len(m), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 1] = 0.3 * m * s
-    return _affine(x, theta)
-
-
-def _op_shear_y(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    theta = torch.zeros(len(m), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 1, 0] = 0.3 * m * s
-    return _affine(x, theta)
-
-
-def _op_translate_x(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    theta = torch.zeros(len(m), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = 2 * 0.45 * m * s  # normalized coordinates span 2: up to 45% of the width
-    return _affine(x, theta)
-
-
-def _op_translate_y(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    theta = torch.zeros(len(m), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 1, 2] = 2 * 0.45 * m * s
-    return _affine(x, theta)
-
-
-POLICY_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "identity": _op_identity,
-    "autocontrast": _op_autocontrast,
-    "equalize": _op_equalize,
-    "brightness": _op_brightness,
-    "contrast": _op_contrast,
-    "solarize": _op_solarize,
-    "posterize": _op_posterize,
-    "rotate": _op_rotate,
-    "shear_x": _op_shear_x,
-    "shear_y": _op_shear_y,
-    "translate_x": _op_translate_x,
-    "translate_y": _op_translate_y,
-}
 
 
 @register_augmentation("randaugment")
@@ -698,14 +506,15 @@ class RandAugment(Augmentation):
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Apply n_ops rounds; in each round every image gets one randomly chosen op."""
         names = self.ops or list(POLICY_OPS)
-        b = x.shape[0]
+        n = draw_size(x)  # draws for the global batch when x is a shard of it
         out = x
         for _ in range(self.n_ops):
-            choice = _randint(len(names), (b,), generator).cpu()
-            sign = _randint(2, (b,), generator).cpu().float() * 2 - 1
-            level = torch.full((b,), self.magnitude / 30.0)
+            choice = _randint(len(names), (n,), generator).cpu()
+            sign = _randint(2, (n,), generator).cpu().float() * 2 - 1
+            level = torch.full((n,), self.magnitude / 30.0)
             if self.random_magnitude:
-                level = level * _rand((b,), generator).cpu()
+                level = level * _rand((n,), generator).cpu()
+            choice, sign, level = (take_rows(v, x) for v in (choice, sign, level))
             new = out.clone()
             # one vectorised call per op over the images that drew it, not a loop over images
             for k, name in enumerate(names):

@@ -1,4 +1,9 @@
-"""Deterministic in-memory batch loader with DistributedSampler-style sharding."""
+"""Deterministic in-memory batch loader that shards each global batch over data-parallel ranks.
+
+The shuffled order and every per-sample augmentation draw depend only on (seed, epoch) and a sample's
+position in the global batch: rank r of N gets its contiguous slice of each global batch of
+N * batch_size samples, with the crop and flip the sample would get in a single-process run.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .datasets import DataBundle, Split
-from .transforms import random_crop_flip, to_float
+from .transforms import BatchShard, apply_crop_flip, draw_crop_flip, split_counts, to_float
 
 __all__ = ["BatchLoader", "derive_seed", "make_loaders"]
 
@@ -25,7 +30,13 @@ def derive_seed(*parts: int) -> int:
 
 
 class BatchLoader:
-    """Iterate (x, y, idx) batches of a Split; all randomness comes from (seed, epoch[, rank])."""
+    """Iterate (x, y, idx) batches of a Split; all randomness comes from (seed, epoch).
+
+    `batch_size` is per rank: the global batch is world_size * batch_size samples of the shuffled
+    order, split into contiguous slices (see `shard`). A last global batch smaller than that is
+    split as evenly as possible (earlier ranks get one more); a rank left with no sample gets one
+    padding row, a copy of the batch's last sample, which `shard_counts` gives weight 0.
+    """
 
     def __init__(
         self,
@@ -93,50 +104,71 @@ class BatchLoader:
         self.epoch = int(epoch)
 
     @property
-    def num_samples(self) -> int:
-        """Samples this rank sees per epoch (after padding/truncation to world_size)."""
-        n = len(self.base_indices)
-        if self.drop_last:
-            return n // self.world_size
-        return math.ceil(n / self.world_size)
+    def global_batch_size(self) -> int:
+        """Samples per step over all ranks."""
+        return self.batch_size * self.world_size
 
-    def epoch_indices(self) -> torch.Tensor:
-        """This rank's sample indices (into the split) for the current epoch, in batch order."""
+    @property
+    def num_samples(self) -> int:
+        """The set's size per rank: n / world_size, rounded down with drop_last, else up."""
+        n = len(self.base_indices)
+        return n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
+
+    def _global_order(self) -> torch.Tensor:
+        """The current epoch's sample indices in single-process batch order."""
         idx = self.base_indices
         if self.shuffle:
             g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _SHUFFLE_STREAM))
             idx = idx[torch.randperm(len(idx), generator=g)]
-        total = self.num_samples * self.world_size
-        if total > len(idx):
-            # Wrap around (repeatedly if the set is tiny) like torch's DistributedSampler.
-            reps = math.ceil(total / max(len(idx), 1))
-            idx = idx.repeat(reps)
-        idx = idx[:total]
-        return idx[self.rank : total : self.world_size]
+        return idx
+
+    def shard_counts(self, step: int) -> tuple[int, ...]:
+        """Real samples each rank holds at `step`; they sum to the global batch's size."""
+        if not 0 <= step < len(self):
+            raise IndexError(f"step {step} out of range for {len(self)} steps")
+        g = self.global_batch_size
+        return split_counts(min(g, len(self.base_indices) - step * g), self.world_size)
+
+    def shard(self, step: int) -> BatchShard:
+        """Where this rank's rows of `step` sit in the global batch (no gather attached)."""
+        return BatchShard.from_counts(self.shard_counts(step), self.rank)
+
+    def epoch_indices(self) -> torch.Tensor:
+        """This rank's sample indices (into the split) for the current epoch, in batch order."""
+        order = self._global_order()
+        g = self.global_batch_size
+        parts = [order[step * g + self.shard(step).positions] for step in range(len(self))]
+        return torch.cat(parts) if parts else order[:0]
 
     def __len__(self) -> int:
-        """Number of batches per epoch for this rank."""
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+        """Number of batches (steps) per epoch, the same on every rank."""
+        n, g = len(self.base_indices), self.global_batch_size
+        return n // g if self.drop_last else math.ceil(n / g)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (x normalized float32, y int64, idx int64 on CPU) for the current epoch."""
-        idx_cpu = self.epoch_indices()
-        idx_dev = idx_cpu.to(self.device)
+        order = self._global_order()
         gen = None
         if self.augment:
+            # one stream for the global batch, seeded as rank 0's used to be: every rank draws all
+            # samples' crops and flips and keeps its own rows; single-process runs are unchanged
             gen = torch.Generator().manual_seed(
-                derive_seed(self.seed, self.epoch, _AUGMENT_STREAM, self.rank)
+                derive_seed(self.seed, self.epoch, _AUGMENT_STREAM, 0)
             )
-        for i in range(len(self)):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            bi = idx_dev[sl]
-            x = to_float(self.images[bi])
+        g = self.global_batch_size
+        for step in range(len(self)):
+            shard = self.shard(step)
+            idx = order[step * g + shard.positions]
+            idx_dev = idx.to(self.device)
+            x = to_float(self.images[idx_dev])
             if gen is not None:
-                x = random_crop_flip(x, self.padding, self.flip, gen)
+                params = draw_crop_flip(shard.total, self.padding, self.flip, gen)
+                if params is not None:
+                    offsets, coins = params
+                    pos = shard.positions
+                    x = apply_crop_flip(x, self.padding, offsets[:, pos], coins[pos])
             x = (x - self._mean) * self._inv_std
-            yield x, self.labels[bi], idx_cpu[sl]
+            yield x, self.labels[idx_dev], idx
 
 
 def make_loaders(

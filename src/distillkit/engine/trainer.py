@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -20,9 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from distillkit.config import RunConfig
 from distillkit.data.datasets import DataBundle, Split
 from distillkit.data.loader import BatchLoader
-from distillkit.data.transforms import normalize, to_float
+from distillkit.data.transforms import BatchShard, normalize, to_float, use_shard
 from distillkit.engine.checkpoint import kill_point, save_run_checkpoints
-from distillkit.engine.distributed import DistContext, all_reduce_sum, barrier
+from distillkit.engine.distributed import (
+    DistContext,
+    all_gather_rows,
+    all_reduce_sum,
+    barrier,
+    convert_sync_batchnorm,
+)
 from distillkit.engine.logging import MetricsLogger
 from distillkit.methods.base import Distiller
 
@@ -181,7 +188,7 @@ class Trainer:
             )
         self.distiller = distiller.to(device)
         if cfg.sync_bn and self.ctx.enabled:
-            self.distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.distiller.student)
+            self.distiller.student = convert_sync_batchnorm(self.distiller.student, device)
         self.loader = BatchLoader(
             bundle.train,
             cfg.batch_size // self.ctx.world_size,
@@ -289,24 +296,29 @@ class Trainer:
         correct = torch.zeros((), device=self.device)
         count = 0
         for step, (x, y, idx) in enumerate(self.loader):
-            with amp:
+            shard = self._shard(step)
+            with amp, use_shard(shard):
                 logits, losses = self.model((x, y, idx))
             if not losses:
                 raise ValueError("training_step returned no losses")
             loss = sum(losses.values())
+            # Losses are means over this rank's rows and DDP averages gradients over ranks, so
+            # weighting by rows / (global rows / world size) makes the result the global-batch mean
+            # when the last batch splits unevenly; padding rows get weight 0. 1.0 on full batches.
+            b = y.shape[0] if shard is None else shard.real
+            weight = 1.0 if shard is None else b * self.ctx.world_size / shard.total
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
             if self.cfg.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            b = y.shape[0]
             # accumulate on the device: a .item() per step would stall a GPU
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * b
-            correct += (logits.argmax(1) == y).sum()
+            correct += (logits[:b].argmax(1) == y[:b]).sum()
             count += b
             if step % 50 == 0:
                 self._check_finite(loss, losses)
@@ -325,6 +337,17 @@ class Trainer:
         out["train_acc"] = 100.0 * totals[-2] / count
         out["train_images"] = count
         return out
+
+    def _shard(self, step: int) -> BatchShard | None:
+        """This rank's slice of the global batch at `step`, with a gather over ranks (DDP only)."""
+        if not self.ctx.enabled:
+            return None
+        shard = self.loader.shard(step)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return all_gather_rows(t, shard.counts, self.ctx)
+
+        return dataclasses.replace(shard, gather=gather)
 
     def _check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         if not torch.isfinite(loss):
