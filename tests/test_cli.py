@@ -358,3 +358,156 @@ def test_python_m_distillkit_error_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown config key 'epoch'" in proc.stderr
+
+
+# --------------------------------------------------------------------------- layout and errors
+
+CORE = ["train", "distill", "resume", "evaluate", "models", "datasets", "demo", "plot", "methods"]
+
+
+def _command_modules() -> list[str]:
+    import pkgutil
+
+    import distillkit.commands as pkg
+
+    return sorted(i.name for i in pkgutil.iter_modules(pkg.__path__) if i.name != "common")
+
+
+def test_each_subcommand_is_one_commands_module():
+    # every subcommand, core ones included, comes from commands/<name>.py registering exactly it
+    modules = _command_modules()
+    assert {c.replace("-", "_") for c in _subcommands()} == set(modules)
+    for name in modules:
+        import importlib
+
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        importlib.import_module(f"distillkit.commands.{name}").register(sub)
+        assert list(sub.choices) == [name.replace("_", "-")], name
+
+
+def test_core_subcommands_keep_their_help_order():
+    listed = _subcommands_in_order()
+    assert listed[: len(CORE)] == CORE
+    assert listed[len(CORE) :] == sorted(listed[len(CORE) :])
+
+
+def _subcommands_in_order() -> list[str]:
+    parser = build_parser()
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(action.choices)
+
+
+def test_cli_module_defines_no_subcommand():
+    import ast
+
+    tree = ast.parse((ROOT / "src" / "distillkit" / "cli.py").read_text())
+    defined = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    assert not [n for n in defined if n.startswith("cmd_")], defined
+    calls = [
+        n.func.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+    ]
+    assert "add_parser" not in calls
+
+
+def test_config_error_lives_in_errors_and_config_still_exports_it():
+    import distillkit.config
+    import distillkit.errors
+
+    assert distillkit.config.ConfigError is distillkit.errors.ConfigError
+    assert issubclass(distillkit.errors.UsageError, ValueError)
+
+
+def test_usage_error_from_a_command_is_one_line_exit_2(tmp_path, capsys):
+    # a config file and a --resume run directory together is a usage problem of `ssl`
+    from distillkit.errors import UsageError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\n")
+    with pytest.raises(UsageError):
+        from distillkit.commands.ssl import cmd_ssl
+
+        cmd_ssl(build_parser().parse_args(["ssl", str(cfg), "--resume", str(tmp_path)]))
+    assert main(["ssl", str(cfg), "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distillkit ssl: error: --resume") and err.count("\n") == 1
+
+
+def test_help_does_not_import_torch():
+    # the error mapping must not import heavy modules before any command ran
+    code = (
+        "import sys\nfrom distillkit.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.fixture
+def refusing_teacher():
+    """A stub teacher server answering every request with one HTTP status."""
+    import http.server
+    import threading
+
+    status = {"code": 401}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"detail": "refused", "remaining": 0}).encode()
+            self.send_response(status["code"])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", status
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "code,needle",
+    [(401, "refused the API key"), (402, "budget exhausted"), (404, "said HTTP 404")],
+)
+def test_remote_teacher_refusal_is_one_line_exit_1(
+    tmp_path, capsys, monkeypatch, refusing_teacher, code, needle
+):
+    url, status = refusing_teacher
+    status["code"] = code
+    monkeypatch.setenv("DISTILLKIT_API_KEY", "dk-test-secretsecret")
+    argv = ["distill", "method=blackbox_kd", f"options.teacher_url={url}", "model=mlp"]
+    assert main([*argv, "epochs=1", f"out_dir={tmp_path / 'run'}", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("distillkit distill: error:") and err.count("\n") == 1, err
+    assert needle in err and "secretsecret" not in err
+
+
+@pytest.mark.parametrize(
+    "text,needle", [("a: [1\n", "not valid YAML"), ("5\n", "must hold a mapping")]
+)
+def test_distill_with_unusable_config_file_is_one_line(tmp_path, capsys, text, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert main(["distill", str(cfg), f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    # (the YAML parser's own message, quoted by the config loader, may add lines below)
+    assert err.startswith("distillkit distill: error: config file") and "Traceback" not in err
+    assert needle in err.splitlines()[0]
+    assert not (tmp_path / "run").exists()

@@ -14,9 +14,8 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used."""
+# defined at the bottom layer so any module can raise it; re-exported for existing imports
+from distillkit.errors import ConfigError
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Extra `distillkit` subcommands: each module here defines `register(subparsers)`.
+"""The `distillkit` subcommands: each module here defines `register(subparsers)` for one of them.
 
-The CLI imports every module of this package, so a new subcommand is one new file.
+The CLI imports every module of this package (except `common`, the shared helpers, and private
+`_` modules), so a new subcommand is one new file named after it (`ssl_eval.py` -> `ssl-eval`).
 """

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from distillkit.commands.common import add_run_args, split_config_arg
+from distillkit.errors import ConfigError, UsageError
+
 DEFAULT_SCHEMES = "identity,flip,crop_flip,cutout,mixup,cutmix,cutmixpick"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `da-score` subcommand."""
-    from distillkit.cli import _add_run_args
-
     p = subparsers.add_parser(
         "da-score",
         help="T. stddev of augmentations for KD (and student loss correlations)",
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Schemes take parameters as name:key=value:key=value, e.g. cutout:holes=2:length=4."
         ),
     )
-    _add_run_args(p)
+    add_run_args(p)
     p.add_argument(
         "--schemes", default=DEFAULT_SCHEMES, help=f"comma-separated (default {DEFAULT_SCHEMES})"
     )
@@ -54,9 +55,9 @@ def _parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
-        raise ValueError("--seeds is empty")
+        raise UsageError("--seeds is empty")
     return seeds
 
 
@@ -153,7 +154,6 @@ def run_da_score(
     """T. stddev per scheme (mean over seeds), and with students their test loss/acc and correlations."""
     import torch
 
-    from distillkit.config import ConfigError
     from distillkit.data.augment import build_augmentation
     from distillkit.data.datasets import load_dataset
     from distillkit.data.tstddev import t_stddev_on_bundle
@@ -299,16 +299,15 @@ def format_table(result: dict[str, Any]) -> str:
 
 def cmd_da_score(args: argparse.Namespace) -> int:
     """da-score: parse, run, print the table and where the files went."""
-    from distillkit.cli import _split_config_arg
     from distillkit.config import load_config
 
-    config, overrides = _split_config_arg(args)
+    config, overrides = split_config_arg(args)
     cfg = load_config(config, overrides)
     schemes = parse_schemes(args.schemes)
     seeds = _parse_seeds(args.seeds)
     for key in ("batch", "window_batches", "tstd_epochs"):
         if getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     out_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}_da_score"
     result = run_da_score(
         cfg,

@@ -7,13 +7,13 @@ Works under torchrun (`torchrun --nproc-per-node 2 -m distillkit ssl configs/dig
 from __future__ import annotations
 
 import argparse
-import os
+
+from distillkit.commands.common import add_run_args, print_result, split_config_arg
+from distillkit.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `ssl` subcommand."""
-    from distillkit.cli import _add_run_args
-
     p = subparsers.add_parser(
         "ssl",
         help="self-supervised training without labels: DINO (one model) or MOKD (two models)",
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "linear probe). Overrides address models as a.lr=0.1 b.name=vit_tiny."
         ),
     )
-    _add_run_args(p)
+    add_run_args(p)
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue an SSL run from its last checkpoint"
     )
@@ -34,15 +34,14 @@ def cmd_ssl(args: argparse.Namespace) -> int:
     """Run (or resume) an SSL config and print its summary."""
     from pathlib import Path
 
-    from distillkit.cli import _split_config_arg
     from distillkit.config import parse_overrides
-    from distillkit.runner import RunInterrupted, format_json, interrupted_message
+    from distillkit.runner import RunInterrupted, interrupted_message
     from distillkit.ssl_train import load_ssl_config, resume_ssl, run_ssl
 
-    config, overrides = _split_config_arg(args)
+    config, overrides = split_config_arg(args)
     if args.resume:
         if config is not None:
-            raise ValueError(
+            raise UsageError(
                 "--resume takes the run directory's own config; pass only key=value overrides"
             )
         run_dir = Path(args.resume)
@@ -58,6 +57,5 @@ def cmd_ssl(args: argparse.Namespace) -> int:
             summary = run_ssl(cfg)
     except KeyboardInterrupt:
         raise RunInterrupted(interrupted_message(run_dir)) from None
-    if not quiet and os.environ.get("RANK", "0") == "0":
-        print(format_json(summary))
+    print_result(summary, quiet=quiet)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from distillkit.commands.common import format_json
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `ssl-eval` subcommand."""
@@ -19,7 +21,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_ssl_eval(args: argparse.Namespace) -> int:
     """Evaluate and print JSON."""
-    from distillkit.runner import format_json
     from distillkit.ssl_train import evaluate_ssl_checkpoint
 
     result = evaluate_ssl_checkpoint(args.target, args.data_dir, args.device, args.which)
