@@ -55,8 +55,12 @@ def test_killed_and_resumed_run_equals_straight_run(tmp_path, teacher_dir, metho
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["optimizers"].keys() == b["optimizers"].keys()
+    for name in a["optimizers"]:
+        states_a = a["optimizers"][name]["state"].values()
+        states_b = b["optimizers"][name]["state"].values()
+        for sa, sb in zip(states_a, states_b, strict=True):
+            assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     rows_a, rows_b = read_rows(straight), read_rows(broken)
     assert len(rows_a) == len(rows_b) == 4
     assert without_timing(rows_a) == without_timing(rows_b)

@@ -79,6 +79,7 @@ class RunConfig:
     quiet: bool = False
     tensorboard: bool = False
     save_every: int = 1
+    eval_every: int = 1  # evaluate every N epochs (always after the last)
     sync_bn: bool = False
 
     def run_dir(self) -> Path:

@@ -1,7 +1,8 @@
-"""Evaluation of frozen features: weighted k-NN and linear-probe accuracy (self-supervised runs)."""
+"""Evaluation: test accuracy of a classifier, and k-NN / linear-probe accuracy of frozen features."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.data.datasets import DataBundle, Split
+from distillkit.data.transforms import normalize, to_float
+from distillkit.engine.distributed import DistContext, all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    bundle: DataBundle,
+    device: torch.device,
+    batch_size: int = 512,
+    ctx: DistContext | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of `model` on `split`, sharded and summed over ranks."""
+    ctx = ctx or DistContext()
+    was_training = model.training
+    model.eval()
+    n = len(split)
+    order = torch.arange(ctx.rank, n, ctx.world_size)
+    correct = loss_sum = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = normalize(to_float(split.images[idx].to(device)), bundle.mean, bundle.std)
+        y = split.labels[idx].to(device)
+        ctx_amp = (
+            torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        )
+        with ctx_amp:
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    correct, loss_sum, count = all_reduce_sum([correct, loss_sum, float(len(order))], ctx, device)
+    model.train(was_training)
+    return {"acc": 100.0 * correct / max(count, 1.0), "loss": loss_sum / max(count, 1.0)}
 
 
 @torch.no_grad()

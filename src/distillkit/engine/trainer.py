@@ -1,12 +1,14 @@
-"""The training loop: optimizer and schedule, AMP, DDP, evaluation, checkpoints and exact resume."""
+"""The one training loop: every method, supervised, adversarial or self-supervised, runs here.
+
+The trainer owns the loader, AMP, DDP, per-step schedules, clipping, progress, metrics files,
+checkpoints, kill points and exact resume; a method owns its losses and, through the contract in
+`methods/base.py`, its optimizers, phases and evaluation.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -14,14 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distillkit.config import RunConfig
-from distillkit.data.datasets import DataBundle, Split
+from distillkit.data.datasets import DataBundle
 from distillkit.data.loader import BatchLoader
-from distillkit.data.transforms import BatchShard, normalize, to_float, use_shard
+from distillkit.data.transforms import BatchShard, use_shard
 from distillkit.engine.checkpoint import kill_point, save_run_checkpoints
 from distillkit.engine.distributed import (
     DistContext,
@@ -30,126 +32,23 @@ from distillkit.engine.distributed import (
     barrier,
     convert_sync_batchnorm,
 )
+from distillkit.engine.evaluation import evaluate
 from distillkit.engine.logging import MetricsLogger
-from distillkit.methods.base import Distiller
+from distillkit.engine.optim import build_optimizer, lr_factor
+from distillkit.engine.setup import resolve_device, rng_state, seed_everything, set_rng_state
+from distillkit.methods.base import Distiller, OptimizerConfig, SetupContext
 
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' picks cuda (this rank's GPU), then mps, then cpu; explicit names are checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "device 'cuda' was asked for but CUDA is not available; use device=auto or cpu"
-            )
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for but MPS is not available")
-    return device
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG state (dropout and friends draw from these)."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of rng_state."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW; no weight decay on biases and norm scales."""
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0 if cfg.optimizer == "adamw" else cfg.weight_decay},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def lr_factor(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at a global step: linear warm-up, then the schedule."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "step":
-        epoch = step // steps_per_epoch
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    split: Split,
-    bundle: DataBundle,
-    device: torch.device,
-    batch_size: int = 512,
-    ctx: DistContext | None = None,
-    amp_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of `model` on `split`, sharded and summed over ranks."""
-    ctx = ctx or DistContext()
-    was_training = model.training
-    model.eval()
-    n = len(split)
-    order = torch.arange(ctx.rank, n, ctx.world_size)
-    correct = loss_sum = 0.0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        x = normalize(to_float(split.images[idx].to(device)), bundle.mean, bundle.std)
-        y = split.labels[idx].to(device)
-        ctx_amp = (
-            torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        )
-        with ctx_amp:
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    correct, loss_sum, count = all_reduce_sum([correct, loss_sum, float(len(order))], ctx, device)
-    model.train(was_training)
-    return {"acc": 100.0 * correct / max(count, 1.0), "loss": loss_sum / max(count, 1.0)}
+__all__ = [
+    "Trainer",
+    "build_optimizer",
+    "evaluate",
+    "lr_factor",
+    "resolve_device",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "stats_rate",
+]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -160,8 +59,26 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+class _EngineHooks:
+    """What a manually optimizing method borrows from the trainer: backward and step."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def optimizers(self) -> list[OptimizerConfig]:
+        return self.trainer.opts
+
+    def backward(self, loss: torch.Tensor) -> None:
+        t = self.trainer
+        t.scaler.scale(loss * t.loss_weight if t.loss_weight != 1.0 else loss).backward()
+
+    def step(self, opt: OptimizerConfig) -> None:
+        self.trainer.step_optimizer(opt)
+        opt.optimizer.zero_grad(set_to_none=True)
+
+
 class Trainer:
-    """Runs epochs of a Distiller, evaluating the student and checkpointing after each one."""
+    """Runs epochs of a Distiller, evaluating and checkpointing after each one."""
 
     def __init__(
         self,
@@ -204,50 +121,107 @@ class Trainer:
             indices=None if train_indices is None else [int(i) for i in train_indices],
             device=device,
         )
-        self.params = list(self.distiller.trainable_parameters())
-        if not self.params:
-            raise ValueError("the method has no trainable parameters")
-        self.optimizer = build_optimizer(cfg, self.params)
         steps = len(self.loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(cfg, step, steps)
+        if steps == 0:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} leaves no training step (drop_last with "
+                f"{self.loader.num_samples * self.ctx.world_size} samples)"
+            )
+        self.distiller.setup(
+            SetupContext(
+                cfg=cfg,
+                bundle=bundle,
+                device=device,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                steps_per_epoch=steps,
+                epochs=cfg.epochs,
+                run_dir=self.run_dir,
+            )
         )
+        self.distiller.to(device)  # setup may have built modules (generators, heads)
+        self.opts = self._configure_optimizers(steps)
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(o.optimizer, o.lr_lambda or (lambda step: 1.0))
+            for o in self.opts
+        ]
+        # the first optimizer's learning rate is the one logged as `lr`
+        self.optimizer = self.opts[0].optimizer
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
         if self.amp_dtype is not None and device.type not in ("cuda", "cpu"):
             raise ValueError(f"amp={cfg.amp} is supported on cuda and cpu, not {device.type}")
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=(self.amp_dtype == torch.float16 and device.type == "cuda")
         )
+        self.manual = not self.distiller.automatic_optimization
         self.model: nn.Module = self.distiller
-        if self.ctx.enabled:
+        if self.ctx.enabled and not self.manual:
             ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.distiller, device_ids=ids)
+            self.model = DistributedDataParallel(
+                self.distiller,
+                device_ids=ids,
+                find_unused_parameters=self.distiller.ddp_find_unused_parameters,
+            )
+        self.distiller._engine = _EngineHooks(self)
+        self.loss_weight = 1.0
         self.logger = MetricsLogger(
             self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard
         )
         self.epoch = 0
-        self.best_acc = -1.0
+        self.global_step = 0
+        self.best_score = -float("inf")
         self.best_epoch = 0
+        self.last_eval: dict[str, float] = {}
         self.train_time = 0.0
         self.images_seen = 0
         self.wall_offset = 0.0
+        self._queries_offset = 0
+
+    def _configure_optimizers(self, steps: int) -> list[OptimizerConfig]:
+        opts = self.distiller.configure_optimizers()
+        if opts is None:
+            params = list(self.distiller.trainable_parameters())
+            if not params:
+                raise ValueError("the method has no trainable parameters")
+            cfg = self.cfg
+            opts = [
+                OptimizerConfig(
+                    build_optimizer(cfg, params),
+                    lr_lambda=lambda step: lr_factor(cfg, step, steps),
+                    grad_clip=cfg.grad_clip,
+                )
+            ]
+        if not opts:
+            raise ValueError("configure_optimizers returned no optimizer")
+        names = [o.name for o in opts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"optimizer names must be distinct, got {names}")
+        return list(opts)
 
     # -- state ---------------------------------------------------------------------------------
+    @property
+    def best_acc(self) -> float:
+        """The best score so far (test accuracy unless the method evaluates itself)."""
+        return self.best_score
+
     def state(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly."""
         return {
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
-            "model": self.distiller.student.state_dict(),
+            "global_step": self.global_step,
+            "model": self.distiller.deployable().state_dict(),
             "model_meta": self.model_meta,
             "distiller": self.distiller.trainable_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "extra_state": self.distiller.extra_state(),
+            "optimizers": {o.name: o.optimizer.state_dict() for o in self.opts},
+            "schedulers": {o.name: s.state_dict() for o, s in zip(self.opts, self.schedulers)},
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "history": self.logger.history,
-            "best_acc": self.best_acc,
+            "best_score": self.best_score,
             "best_epoch": self.best_epoch,
+            "last_eval": self.last_eval,
             "train_time": self.train_time,
             "images_seen": self.images_seen,
             "wall_time": self.wall_offset + (time.perf_counter() - self._start),
@@ -257,13 +231,22 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore a state written by `state()`; RNG states too, so the next epoch is identical."""
+        if "optimizers" not in state:
+            raise ValueError(
+                "this checkpoint was written by an older distillkit layout and cannot be resumed"
+            )
+        # extra state first: it may rebuild modules (pools, generators) the weights then fill
+        self.distiller.load_extra_state(state.get("extra_state", {}))
         self.distiller.load_trainable_state_dict(state["distiller"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for o, sched in zip(self.opts, self.schedulers):
+            o.optimizer.load_state_dict(state["optimizers"][o.name])
+            sched.load_state_dict(state["schedulers"][o.name])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = state["epoch"]
-        self.best_acc = state["best_acc"]
+        self.global_step = state.get("global_step", 0)
+        self.best_score = state["best_score"]
         self.best_epoch = state["best_epoch"]
+        self.last_eval = state.get("last_eval", {})
         self.train_time = state["train_time"]
         self.images_seen = state["images_seen"]
         self.wall_offset = state["wall_time"]
@@ -274,17 +257,51 @@ class Trainer:
     def _teacher_queries(self) -> int:
         teacher = self.distiller.teacher
         local = int(getattr(teacher, "queries", 0)) if teacher is not None else 0
-        return getattr(self, "_queries_offset", 0) + local
+        return self._queries_offset + local
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def step_optimizer(self, opt: OptimizerConfig) -> None:
+        """Unscale, average gradients over ranks (manual mode), clip and step one optimizer."""
+        params = opt.params()
+        if self.manual and self.ctx.enabled:
+            self._average_gradients(params)
+        if opt.grad_clip:
+            self.scaler.unscale_(opt.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
+        self.scaler.step(opt.optimizer)
+
+    def _average_gradients(self, params: list[nn.Parameter]) -> None:
+        # every rank must all-reduce the same tensors: a gradient missing on one rank is a zero
+        grads = [p for p in params if p.requires_grad]
+        if not grads:
+            return
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in grads]
+        )
+        has = torch.tensor(
+            [float(p.grad is not None) for p in grads], device=flat.device, dtype=flat.dtype
+        )
+        both = torch.cat([flat, has])
+        dist.all_reduce(both)
+        flat, has = both[: flat.numel()] / self.ctx.world_size, both[flat.numel() :]
+        offset = 0
+        for p, h in zip(grads, has.tolist()):
+            n = p.numel()
+            if h > 0:
+                p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def _broadcast_buffers(self) -> None:
+        # manual mode has no DDP wrapper to keep BatchNorm statistics equal across ranks
+        for buf in self.distiller.buffers():
+            dist.broadcast(buf, 0)
 
     # -- loop ------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         """One pass over this rank's shard; returns loss terms and accuracy summed over ranks."""
         self.distiller.train()
         self.loader.set_epoch(self.epoch)
-        # schedule-driven methods (StableKD stages, MEKD phases) read the epoch here
-        hook = getattr(self.distiller, "on_epoch_start", None)
-        if hook is not None:
-            hook(self.epoch)
+        self.distiller.on_epoch_start(self.epoch)
         show = self.ctx.is_main and not self.cfg.quiet and sys.stderr.isatty()
         bar = _progress(len(self.loader), f"epoch {self.epoch + 1}/{self.cfg.epochs}", show)
         amp = (
@@ -294,47 +311,62 @@ class Trainer:
         )
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
-        count = 0
+        count = scored = 0
         for step, (x, y, idx) in enumerate(self.loader):
             shard = self._shard(step)
-            with amp, use_shard(shard):
-                logits, losses = self.model((x, y, idx))
-            if not losses:
-                raise ValueError("training_step returned no losses")
-            loss = sum(losses.values())
-            # Losses are means over this rank's rows and DDP averages gradients over ranks, so
+            # Losses are means over this rank's rows and gradients are averaged over ranks, so
             # weighting by rows / (global rows / world size) makes the result the global-batch mean
             # when the last batch splits unevenly; padding rows get weight 0. 1.0 on full batches.
             b = y.shape[0] if shard is None else shard.real
-            weight = 1.0 if shard is None else b * self.ctx.world_size / shard.total
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
-            if self.cfg.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            self.scaler.step(self.optimizer)
+            self.loss_weight = 1.0 if shard is None else b * self.ctx.world_size / shard.total
+            if self.manual:
+                with amp, use_shard(shard):
+                    logits, losses = self.distiller.training_step((x, y, idx))
+                loss = sum(v.detach() for v in losses.values()) if losses else None
+            else:
+                for o in self.opts:
+                    o.optimizer.zero_grad(set_to_none=True)
+                with amp, use_shard(shard):
+                    logits, losses = self.model((x, y, idx))
+                if not losses:
+                    raise ValueError("training_step returned no losses")
+                loss = sum(losses.values())
+                w = self.loss_weight
+                self.scaler.scale(loss if w == 1.0 else loss * w).backward()
+                for o in self.opts:
+                    self.step_optimizer(o)
             self.scaler.update()
-            self.scheduler.step()
+            for sched in self.schedulers:
+                sched.step()
+            self.distiller.on_step_end(self.global_step)
+            self.global_step += 1
             # accumulate on the device: a .item() per step would stall a GPU
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * b
-            correct += (logits[:b].argmax(1) == y[:b]).sum()
+            if logits is not None:
+                correct += (logits[:b].argmax(1) == y[:b]).sum()
+                scored += b
             count += b
-            if step % 50 == 0:
+            if step % 50 == 0 and loss is not None:
                 self._check_finite(loss, losses)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if loss is not None:
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
         if bar is not None:
             bar.close()
-        self._check_finite(sum(sums.values()), sums)
+        if self.manual and self.ctx.enabled:
+            self._broadcast_buffers()
+        if sums:
+            self._check_finite(sum(sums.values()), sums)
         names = sorted(sums)
-        local = [sums[n].item() for n in names] + [correct.item(), float(count)]
+        local = [float(sums[n]) for n in names] + [float(correct), float(scored), float(count)]
         totals = all_reduce_sum(local, self.ctx, self.device)
-        count = totals[-1]
+        count, scored = totals[-1], totals[-2]
         out = {f"loss_{n}": totals[i] / count for i, n in enumerate(names)}
         out["train_loss"] = sum(out.values())
-        out["train_acc"] = 100.0 * totals[-2] / count
+        if scored > 0:
+            out["train_acc"] = 100.0 * totals[-3] / scored
         out["train_images"] = count
         return out
 
@@ -350,12 +382,30 @@ class Trainer:
         return dataclasses.replace(shard, gather=gather)
 
     def _check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        if not torch.isfinite(loss):
+        if not torch.isfinite(torch.as_tensor(loss)):
             values = {k: float(v) for k, v in terms.items()}
             raise FloatingPointError(
                 f"loss became {float(loss)} at epoch {self.epoch + 1} (terms {values}); "
                 "lower lr or set grad_clip"
             )
+
+    def evaluate(self) -> dict[str, float]:
+        """The method's own evaluation, or the student's test accuracy and loss; `score` ranks."""
+        own = self.distiller.evaluate()
+        if own is not None:
+            out = dict(own)
+            out.setdefault("score", out.get("test_acc", 0.0))
+            return out
+        test = evaluate(
+            self.distiller.deployable(),
+            self.bundle.test,
+            self.bundle,
+            self.device,
+            self.cfg.eval_batch_size,
+            self.ctx,
+            self.amp_dtype,
+        )
+        return {"test_acc": test["acc"], "test_loss": test["loss"], "score": test["acc"]}
 
     def fit(self) -> dict[str, Any]:
         """Train to cfg.epochs from wherever the state stands; returns the final summary."""
@@ -366,39 +416,25 @@ class Trainer:
             train_seconds = time.perf_counter() - t0
             self.train_time += train_seconds
             self.images_seen += int(stats.pop("train_images"))
-            test = evaluate(
-                self.distiller.student,
-                self.bundle.test,
-                self.bundle,
-                self.device,
-                self.cfg.eval_batch_size,
-                self.ctx,
-                self.amp_dtype,
-            )
+            stats.update(self.distiller.on_epoch_end(self.epoch))
             self.epoch += 1
-            row = {
-                "epoch": self.epoch,
-                **stats,
-                "test_acc": test["acc"],
-                "test_loss": test["loss"],
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "epoch_time": time.perf_counter() - t0,
-                "images_per_sec": stats_rate(self.images_seen, self.train_time),
-                "teacher_queries": self._queries_total(),
-            }
-            improved = test["acc"] > self.best_acc
-            if improved:
-                self.best_acc, self.best_epoch = test["acc"], self.epoch
+            final = self.epoch == self.cfg.epochs
+            every = max(1, self.cfg.eval_every)
+            improved = False
+            row: dict[str, Any] = {"epoch": self.epoch, **stats}
+            if final or self.epoch % every == 0:
+                self.last_eval = self.evaluate()
+                row.update({k: v for k, v in self.last_eval.items() if k != "score"})
+                if self.last_eval["score"] > self.best_score:
+                    self.best_score, self.best_epoch = self.last_eval["score"], self.epoch
+                    improved = True
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["epoch_time"] = time.perf_counter() - t0
+            row["images_per_sec"] = stats_rate(self.images_seen, self.train_time)
+            row["teacher_queries"] = self._queries_total()
             self.logger.log(row)
             if not self.cfg.quiet and self.ctx.is_main:
-                terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss_"))
-                print(
-                    f"[{self.cfg.name}] epoch {self.epoch}/{self.cfg.epochs} {terms} "
-                    f"train_acc={stats['train_acc']:.2f} test_acc={test['acc']:.2f} "
-                    f"({row['epoch_time']:.1f}s)",
-                    flush=True,
-                )
-            final = self.epoch == self.cfg.epochs
+                self._print_epoch(stats, row)
             if self.ctx.is_main and (
                 final or improved or self.epoch % max(1, self.cfg.save_every) == 0
             ):
@@ -409,13 +445,25 @@ class Trainer:
         self.logger.write_final(summary)
         return summary
 
+    def _print_epoch(self, stats: dict[str, float], row: dict[str, Any]) -> None:
+        terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss_"))
+        shown = ("train_acc", "test_acc") + tuple(k for k in self.last_eval if k.endswith("_acc"))
+        accs = " ".join(
+            f"{k}={row[k]:.2f}" for k in dict.fromkeys(shown) if isinstance(row.get(k), float)
+        )
+        print(
+            f"[{self.cfg.name}] epoch {self.epoch}/{self.cfg.epochs} {terms} {accs} "
+            f"({row['epoch_time']:.1f}s)",
+            flush=True,
+        )
+
     def _queries_total(self) -> int:
         return int(all_reduce_sum([float(self._teacher_queries())], self.ctx, self.device)[0])
 
     def summary(self) -> dict[str, Any]:
         """Final numbers of the run (metrics.json)."""
         last = self.logger.history[-1] if self.logger.history else {}
-        return {
+        out = {
             "name": self.cfg.name,
             "method": self.cfg.method,
             "model": self.cfg.model,
@@ -423,20 +471,27 @@ class Trainer:
             "epochs": self.epoch,
             "test_acc": last.get("test_acc"),
             "test_loss": last.get("test_loss"),
-            "best_acc": self.best_acc,
+            "best_acc": self.best_score,
             "best_epoch": self.best_epoch,
-            "wall_time_s": self.wall_offset + (time.perf_counter() - self._start),
-            "train_time_s": self.train_time,
-            "images_per_sec": stats_rate(self.images_seen, self.train_time),
-            "teacher_queries": self._queries_total(),
-            "train_samples": len(self.loader.base_indices),
-            "world_size": self.ctx.world_size,
-            "device": str(self.device),
         }
+        out.update({k: v for k, v in self.last_eval.items() if k not in out and k != "score"})
+        out.update(
+            {
+                "wall_time_s": self.wall_offset + (time.perf_counter() - self._start),
+                "train_time_s": self.train_time,
+                "images_per_sec": stats_rate(self.images_seen, self.train_time),
+                "teacher_queries": self._queries_total(),
+                "train_samples": len(self.loader.base_indices),
+                "world_size": self.ctx.world_size,
+                "device": str(self.device),
+            }
+        )
+        return out
 
     def close(self) -> None:
-        """Drop the DDP wrapper before the process group goes (clean gloo shutdown)."""
+        """Drop the DDP wrapper and the method's link back (clean gloo shutdown, no cycle)."""
         self.model = None  # type: ignore[assignment]
+        self.distiller._engine = None
 
 
 def stats_rate(images: float, seconds: float) -> float:
