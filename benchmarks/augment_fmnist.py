@@ -8,12 +8,17 @@ Pearson / Spearman / Kendall correlations between T. stddev and student test los
     python benchmarks/augment_fmnist.py                      # full run: 15 epochs, 3 seeds
     python benchmarks/augment_fmnist.py --teacher runs/fmnist_teacher --epochs 5 --seeds 0
     python benchmarks/augment_fmnist.py --epochs 1 --teacher-epochs 1 --seeds 0 --train-fraction 0.02
+
+Results go to OUT/da_score.json, OUT/da_score.csv and OUT/tstddev_vs_test_loss.png; an earlier
+invocation's files are kept, renamed with their time (da_score.YYYYmmdd-HHMMSS.json). Students of
+an unchanged config are reused from OUT/students.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +115,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def keep_previous(out: Path, names: list[str]) -> list[Path]:
+    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
+    kept = []
+    for name in names:
+        path = out / name
+        if not path.is_file():
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+        os.replace(path, target)
+        print(f"kept the previous {name} as {target}", flush=True)
+        kept.append(target)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train what is missing, print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "warmup_epochs": min(1.0, args.epochs / 2),
-            "temperature": 4.0,
+            "options": {"temperature": 4.0},
             "device": args.device,
             "quiet": not args.verbose,
         }
     )
+    keep_previous(out, ["da_score.json", "da_score.csv", "tstddev_vs_test_loss.png"])
     t0 = time.perf_counter()
     result = run_da_score(cfg, schemes, seeds=seeds, out_dir=out, train_students=True)
     elapsed = time.perf_counter() - t0

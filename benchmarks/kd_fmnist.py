@@ -5,13 +5,16 @@ Prints two markdown tables:
 2. KD images/s of distillkit's Trainer vs a minimal hand-written PyTorch KD loop on the same
    teacher, student, batch and data in the same process (no augmentation in either).
 
-The teacher is trained once and reused from its run directory (--out/teacher).
+The teacher is trained once and reused from its run directory (--out/teacher). The report goes to
+OUT/report.md; an earlier invocation's report is kept, renamed with its time
+(report.YYYYmmdd-HHMMSS.md), so a later `--skip-accuracy` run does not lose its accuracy table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +35,7 @@ from distillkit.teachers import LocalTeacher
 
 
 def parse_args() -> argparse.Namespace:
+    """Command-line options."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -91,7 +95,7 @@ def accuracy_table(args: argparse.Namespace, out: Path, tdir: Path) -> str:
                 )
                 spec.update(method=method, seed=seed, out_dir=str(rdir))
                 if method == "kd":
-                    spec.update(teacher=str(tdir), temperature=4.0, alpha=0.1)
+                    spec.update(teacher=str(tdir), options={"temperature": 4.0, "alpha": 0.1})
                 run(config_from_dict(spec))
             summary = json.loads((rdir / "metrics.json").read_text())
             results[label].append(summary)
@@ -212,7 +216,25 @@ def overhead_table(args: argparse.Namespace, tdir: Path, out: Path) -> str:
     )
 
 
+def keep_previous(out: Path, names: list[str]) -> list[Path]:
+    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
+    kept = []
+    for name in names:
+        path = out / name
+        if not path.is_file():
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+        os.replace(path, target)
+        print(f"kept the previous {name} as {target}", flush=True)
+        kept.append(target)
+    return kept
+
+
 def main() -> None:
+    """Train the teacher once, measure accuracy and engine overhead, write OUT/report.md."""
     args = parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -226,6 +248,7 @@ def main() -> None:
     )
     machine = f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
     report = "\n\n".join(sections) + f"\n\nMachine: {machine}\n"
+    keep_previous(out, ["report.md"])
     (out / "report.md").write_text(report)
     print("\n" + report)
 

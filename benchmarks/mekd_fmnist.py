@@ -20,8 +20,11 @@ MEKD runs use `--gan-steps-per-batch` D/G updates per batch, a constant learning
 over all epochs would leave distillation only the decayed tail) and no augmentation (the GAN
 learns the edge images as they are). White-box KD does not depend on the budget: it runs once per
 seed. Runs are independent: `--jobs N` runs N at once in worker processes (the two servers stay in
-the main process). Each finished run appends a line to OUT/runs.jsonl, so a stopped benchmark
-keeps what it measured; `--report-only` prints the table from that file.
+the main process). Each finished run appends a line to OUT/runs.jsonl, which is never truncated: a
+stopped benchmark keeps what it measured, a second invocation into the same OUT (other budgets,
+say) adds its runs to the first's, and a run already recorded there (same method, budget and seed)
+is not run again (use another --out for other settings). OUT/report.md and OUT/results.json
+tabulate every run in runs.jsonl; `--report-only` prints that table.
 
     python benchmarks/mekd_fmnist.py                     # full: budgets 5k/20k/100k, 3 seeds
     python benchmarks/mekd_fmnist.py --smoke             # minutes on a CPU: tiny everything
@@ -55,6 +58,7 @@ EDGE_SEED = 1234
 
 
 def parse_args() -> argparse.Namespace:
+    """Command-line options; ``--smoke`` shrinks everything to a pipeline check."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -185,7 +189,8 @@ METHOD_ORDER = [
 
 def report(out: Path, teacher_acc: float | None, args: argparse.Namespace) -> str:
     """The markdown table of every finished run in OUT/runs.jsonl (also written to report.md)."""
-    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
+    # one row per run: should a run appear twice (an older file), its last line counts
+    rows = list({run_key(r): r for r in read_rows(out / "runs.jsonl")}.values())
     lines = []
     if teacher_acc is not None:
         lines.append(f"teacher {args.teacher_model}: test acc {teacher_acc:.2f}")
@@ -211,6 +216,7 @@ def report(out: Path, teacher_acc: float | None, args: argparse.Namespace) -> st
 
 
 def main() -> int:
+    """Serve the teacher, run every (seed, budget, method) not yet recorded, print the table."""
     args = parse_args()
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "4")))
     torch.set_num_threads(threads)
@@ -293,11 +299,15 @@ def main() -> int:
                         spec["method"] = method
                     spec["options"] = opts
                 jobs.append(job)
+    results = out / "runs.jsonl"
+    done = recorded(results)
+    skipped = [j for j in jobs if run_key(j) in done]
+    jobs = [j for j in jobs if run_key(j) not in done]
+    if skipped:
+        print(f"{len(skipped)} run(s) already in {results}: not run again", flush=True)
     worker_threads = 1 if args.jobs > 1 else threads
     for job in jobs:
         job.update(args=vars(args), threads=worker_threads)
-    results = out / "runs.jsonl"
-    results.write_text("")
     try:
         if args.jobs > 1:
             ctx = mp.get_context("spawn")
@@ -314,6 +324,24 @@ def main() -> int:
     print()
     print(report(out, teacher_acc, args))
     return 0
+
+
+def run_key(row: dict) -> tuple[str, str, int]:
+    """What identifies a run across invocations: method, budget and seed."""
+    seed = row["seed"] if "seed" in row else row["spec"]["seed"]
+    return row["method"], str(row["budget"]), int(seed)
+
+
+def read_rows(results: Path) -> list[dict]:
+    """The rows of runs.jsonl (none when it does not exist yet)."""
+    if not results.is_file():
+        return []
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+
+
+def recorded(results: Path) -> set[tuple[str, str, int]]:
+    """The runs already in runs.jsonl, from this or an earlier invocation."""
+    return {run_key(r) for r in read_rows(results)}
 
 
 def record(results: Path, row: dict) -> None:

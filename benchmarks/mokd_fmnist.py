@@ -1,12 +1,15 @@
 """Does MOKD help both models? DINO alone vs MOKD on Fashion-MNIST, without labels in training.
 
 For every seed: the CNN trained alone (DINO), the ViT trained alone (DINO), and the pair trained
-with MOKD, all at the same epoch budget on the same (unlabelled) training images. Labels are read
+with MOKD, all at the same epoch budget on the same (unlabelled) training images; with
+`--untrained`, also the MOKD run's pair at initialisation (no training step; its CNN is also the
+DINO-alone CNN's initial model), evaluated the same way: the floor the training lifts them from. Labels are read
 only to evaluate each EMA teacher's frozen features: weighted k-NN (k=20, T=0.07) with the
 training split (or --eval-train-samples of it) as memory bank, and a linear probe. Prints a
 markdown table (mean +- std over seeds). OUT/results.json and OUT/report.md are rewritten as each
 run finishes, so a killed benchmark leaves its finished runs; finished runs are reused and
-interrupted ones resumed when the same command is run again.
+interrupted ones resumed when the same command is run again. An earlier invocation's report.md and
+results.json are kept, renamed with their time (report.YYYYmmdd-HHMMSS.md).
 
     # GPU machine (1 GPU, 16 cores): 9 runs in parallel on the GPU, a few minutes
     python benchmarks/mokd_fmnist.py --device cuda --jobs 9 --seeds 0,1,2 \\
@@ -32,9 +35,11 @@ from typing import Any
 
 import torch
 
-from distillkit.ssl_train import resume_ssl, run_ssl, ssl_config_from_dict
+from distillkit.engine.trainer import resolve_device
+from distillkit.ssl_train import SSLTrainer, resume_ssl, run_ssl, ssl_config_from_dict
 
 KINDS = ("mokd", "dino_vit", "dino_cnn")  # longest first, so parallel workers finish together
+UNTRAINED = ("untrained",)  # --untrained: an evaluation only, after the training runs
 CNN = {
     "name": "resnet8",
     "optimizer": "sgd",
@@ -56,14 +61,20 @@ VIT = {
     "head_bn": True,
 }
 LABELS = {
+    "cnn_untrained": f"CNN ({CNN['name']}) untrained",
     "cnn_dino": f"CNN ({CNN['name']}) DINO alone",
     "cnn_mokd": f"CNN ({CNN['name']}) with MOKD",
+    "vit_untrained": f"ViT ({VIT['name']}) untrained",
     "vit_dino": f"ViT ({VIT['name']}) DINO alone",
     "vit_mokd": f"ViT ({VIT['name']}) with MOKD",
 }
 # which table row each member of each run feeds
-ROWS = {"dino_cnn": {"a": "cnn_dino"}, "dino_vit": {"a": "vit_dino"}}
+ROWS = {
+    "dino_cnn": {"a": "cnn_dino"},
+    "dino_vit": {"a": "vit_dino"},
+}
 MOKD_ROWS = {"a": "cnn_mokd", "b": "vit_mokd"}
+ROWS["untrained"] = {"a": "cnn_untrained", "b": "vit_untrained"}
 SMOKE = {
     "epochs": 1,
     "seeds": "0",
@@ -126,6 +137,29 @@ def runs_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, An
     }
 
 
+def untrained_runs(args: argparse.Namespace, seed: int) -> dict[str, dict[str, Any]]:
+    """The pair at initialisation: the MOKD run's config, so the MOKD run's initial models."""
+    return {"untrained": {**runs_for_seed(args, seed)["mokd"], "name": f"untrained_s{seed}"}}
+
+
+def evaluate_untrained(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """k-NN and linear probe of each EMA teacher before any training step (reused when done)."""
+    final = run_dir / "metrics.json"
+    if final.is_file():
+        return json.loads(final.read_text())
+    t0 = time.perf_counter()
+    cfg = ssl_config_from_dict({**data, "out_dir": str(run_dir)})
+    # the trainer seeds and builds the models exactly as the training run of this config starts
+    trainer = SSLTrainer(cfg, run_dir, resolve_device(cfg.device))
+    summary: dict[str, Any] = {"name": cfg.name, "kind": "untrained", "epochs": 0}
+    for member, accs in trainer.evaluate().items():
+        summary.update({f"{k}_{member}": v for k, v in accs.items()})
+    summary["wall_time_s"] = time.perf_counter() - t0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(final, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def run_one(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Train (or reuse / resume) one run and return its metrics.json."""
     final = run_dir / "metrics.json"
@@ -138,10 +172,14 @@ def run_one(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return run_ssl(cfg)
 
 
-def _worker(data: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
-    """One run in a worker process; errors come back as data so the other runs go on."""
+def _worker(
+    data: dict[str, Any], run_dir: str, threads: int, untrained: bool = False
+) -> dict[str, Any]:
+    """One run (or untrained evaluation) in a worker; errors come back as data, the rest go on."""
     torch.set_num_threads(threads)
     try:
+        if untrained:
+            return evaluate_untrained(data, Path(run_dir))
         return run_one(data, Path(run_dir))
     except Exception:
         return {"error": traceback.format_exc()}
@@ -159,7 +197,7 @@ def collect(per_run: dict[str, Any], seeds: list[int]) -> dict[str, dict[str, li
     """k-NN and linear accuracies per table row, in seed order, from the finished runs."""
     results: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
-        for kind in KINDS:
+        for kind in KINDS + UNTRAINED:
             summary = per_run.get(f"{kind}_s{seed}")
             if not summary or "error" in summary:
                 continue
@@ -186,7 +224,10 @@ def render_table(
         "| model | k-NN acc (%) | linear probe acc (%) | n |",
         "|---|---|---|---|",
     ]
-    for key in ("cnn_dino", "cnn_mokd", "vit_dino", "vit_mokd"):
+    keys = ["cnn_dino", "cnn_mokd", "vit_dino", "vit_mokd"]
+    if args.untrained:
+        keys = ["cnn_untrained", *keys[:2], "vit_untrained", *keys[2:]]
+    for key in keys:
         r = results.get(key, {"knn": [], "linear": []})
         lines.append(
             f"| {LABELS[key]} | {_fmt(r['knn'])} | {_fmt(r['linear'])} | {len(r['knn'])} |"
@@ -206,7 +247,7 @@ def write_outputs(
     """Rewrite OUT/results.json and OUT/report.md from the runs finished so far; return the table."""
     results = collect(per_run, seeds)
     table = render_table(args, seeds, results)
-    expected = len(seeds) * len(KINDS)
+    expected = len(seeds) * (len(KINDS) + (len(UNTRAINED) if args.untrained else 0))
     payload = {
         "args": vars(args),
         "complete": len(per_run) == expected,
@@ -220,6 +261,23 @@ def write_outputs(
     _write_atomic(out / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     _write_atomic(out / "report.md", table)
     return table
+
+
+def keep_previous(out: Path, names: list[str]) -> list[Path]:
+    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
+    kept = []
+    for name in names:
+        path = out / name
+        if not path.is_file():
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+        os.replace(path, target)
+        print(f"kept the previous {name} as {target}", flush=True)
+        kept.append(target)
+    return kept
 
 
 def _log_run(key: str, summary: dict[str, Any]) -> None:
@@ -275,6 +333,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per run (with --jobs: 1)"
     )
+    p.add_argument(
+        "--untrained",
+        action="store_true",
+        help="also evaluate the CNN and the ViT at initialisation (k-NN and linear probe)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny run that checks the plumbing")
     p.add_argument("--out", default="runs/bench_mokd_fmnist")
     p.add_argument("--verbose", action="store_true")
@@ -309,17 +372,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     work = [
-        (f"{kind}_s{seed}", data, str(out / f"seed{seed}" / kind))
+        (f"{kind}_s{seed}", data, str(out / f"seed{seed}" / kind), kind in UNTRAINED)
         for seed in seeds
-        for kind, data in runs_for_seed(args, seed).items()
+        for kind, data in {
+            **runs_for_seed(args, seed),
+            **(untrained_runs(args, seed) if args.untrained else {}),
+        }.items()
     ]
     # longest runs first: the pool then ends with the short ones
-    work.sort(key=lambda w: KINDS.index(w[0].rsplit("_s", 1)[0]))
+    work.sort(key=lambda w: (KINDS + UNTRAINED).index(w[0].rsplit("_s", 1)[0]))
     per_run: dict[str, Any] = {}
+    keep_previous(out, ["report.md", "results.json"])
     write_outputs(out, args, seeds, per_run, t0)
     if args.jobs == 1:
-        for key, data, run_dir in work:
-            per_run[key] = _worker(data, run_dir, threads or torch.get_num_threads())
+        for key, data, run_dir, untrained in work:
+            per_run[key] = _worker(data, run_dir, threads or torch.get_num_threads(), untrained)
             _log_run(key, per_run[key])
             write_outputs(out, args, seeds, per_run, t0)
     else:
@@ -329,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
             pending = {
-                pool.submit(_worker, data, run_dir, threads): key for key, data, run_dir in work
+                pool.submit(_worker, data, run_dir, threads, untrained): key
+                for key, data, run_dir, untrained in work
             }
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -19,7 +19,8 @@ vs epoch and vs wall time; epochs and seconds each method needs to reach end-to-
 accuracy (mean over seeds of the first epoch at or above the mean final KD accuracy); and final
 accuracy with 40% of the data against KD with 100%. The report and the JSON are rewritten as
 every run finishes, so a killed benchmark leaves the finished runs' numbers; run directories
-under `OUT/runs` with a `metrics.json` are reused by the next invocation.
+under `OUT/runs` with a `metrics.json` are reused by the next invocation. An earlier invocation's
+report.md, results.json and plot are kept, renamed with their time (report.YYYYmmdd-HHMMSS.md).
 
     python benchmarks/stablekd_fmnist.py                 # full: 15 epochs (3+3+9), 3 seeds
     python benchmarks/stablekd_fmnist.py --smoke         # a minute on a CPU: tiny everything
@@ -394,12 +395,30 @@ def report(
     return text
 
 
+def keep_previous(out: Path, names: list[str]) -> list[Path]:
+    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
+    kept = []
+    for name in names:
+        path = out / name
+        if not path.is_file():
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+        os.replace(path, target)
+        print(f"kept the previous {name} as {target}", flush=True)
+        kept.append(target)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train the teacher if needed, run every (method, fraction, seed), report."""
     args = parse_args(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS", "4"))
     torch.set_num_threads(max(1, threads if args.jobs == 1 else 1))
     out = Path(args.out)
+    keep_previous(out, ["report.md", "results.json", "stablekd_fmnist.png"])
     dataset = register_limited(args.train_limit, args.test_limit)
     base = {
         "dataset": dataset,
