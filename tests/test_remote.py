@@ -126,10 +126,11 @@ def test_cache_avoids_a_second_spend(served, tmp_path):
     fresh = RemoteTeacher(server.url, key, cache_dir=cache, input_mean=MEAN, input_std=STD)
     torch.testing.assert_close(fresh(x).probs, first)
     assert fresh.queries == 0 and fresh.info()["remaining"] == 10
-    # without a cache the same images are bought again, which the budget refuses
+    # new images past the server's budget: the 10 that still fit are bought, the rest refused
     nocache = RemoteTeacher(server.url, key, input_mean=MEAN, input_std=STD)
-    with pytest.raises(BudgetExceededError, match="10 images remain"):
-        nocache(x)
+    with pytest.raises(BudgetExceededError, match="budget exhausted"):
+        nocache(normalized(20, seed=1))
+    assert nocache.queries == 10 and nocache.info()["remaining"] == 0
 
 
 def test_wrong_key_is_permission_error(served):

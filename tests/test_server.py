@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -89,7 +90,11 @@ def call(
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:  # a non-JSON error body (a 500 from the framework) is a failure too
+            return exc.code, {"error": {"code": None, "message": raw.decode("latin-1")}}
 
 
 def npy(arr: np.ndarray) -> bytes:
@@ -247,6 +252,20 @@ def test_budget_survives_restart(model, tmp_path):
         server.stop()
 
 
+def _json_images(*pixels: str) -> bytes:
+    """A JSON body of shape (1, 1, 8, 8) whose pixels are the given JSON literals, then 0.5s."""
+    values = (list(pixels) + ["0.5"] * 64)[:64]
+    rows = ",".join("[" + ",".join(values[r * 8 : r * 8 + 8]) + "]" for r in range(8))
+    return b'{"images": [[[' + rows.encode() + b"]]]}"
+
+
+def _npy_header(descr: object, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 .npy header (no data) with any descr and shape."""
+    header = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * ((64 - (10 + len(header) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
 def _object_npy() -> bytes:
     return npy(np.array([{"a": 1}, None], dtype=object))
 
@@ -313,7 +332,56 @@ BAD_INPUTS = [
         "non_finite",
     ),
     ("text/plain", b"1,2,3", "text/plain", 415, "unsupported_media_type"),
+    # an integer too large for a float, nesting deeper than the JSON parser's recursion limit
+    (
+        "json huge int",
+        b'{"images":[[[[1' + b"0" * 400 + b"]]]]}",
+        "application/json",
+        422,
+        "bad_shape",
+    ),
+    ("json huge pixel", _json_images("1" + "0" * 400), "application/json", 422, "non_finite"),
+    ("json too deep", b"[" * 5000 + b"]" * 5000, "application/json", 400, "json_too_deep"),
+    ("json strings", _json_images('"0.5"'), "application/json", 422, "bad_images"),
+    ("json booleans", _json_images("true"), "application/json", 422, "bad_images"),
+    (
+        "json bool among numbers",
+        _json_images("0.5", "false"),
+        "application/json",
+        422,
+        "bad_images",
+    ),
+    ("json null", _json_images("null"), "application/json", 422, "bad_images"),
+    ("json object pixel", _json_images("{}"), "application/json", 422, "bad_images"),
+    ("json top-level list", b"[1, 2]", "application/json", 422, "missing_images"),
+    ("json not utf-8", b'{"images": "\xff\xfe"}', "application/json", 400, "malformed_json"),
+    # a .npy header promising far more data than the body holds: refused from the header alone
+    (
+        "npy huge shape",
+        _npy_header("<f4", (1 << 40, 1, 8, 8)),
+        "application/x-npy",
+        422,
+        "batch_too_large",
+    ),
+    (
+        "npy short data",
+        _npy_header("<f4", (2, 1, 8, 8)) + b"\0" * 16,
+        "application/x-npy",
+        400,
+        "bad_npy",
+    ),
+    ("npy structured", _npy_header([("a", "<f4")], (2,)), "application/x-npy", 422, "bad_dtype"),
+    (
+        "npy bad header",
+        b"\x93NUMPY\x01\x00\x10\x00{__import__('os')",
+        "application/x-npy",
+        400,
+        "bad_npy",
+    ),
 ]
+
+
+INTERNAL_TEXT = re.compile(r"0x[0-9a-f]{6,}|Traceback|Unable to allocate|EOF in multi-line|<class ")
 
 
 def test_bad_input_is_4xx_never_spends_and_server_keeps_serving(model, tmp_path):
@@ -327,6 +395,8 @@ def test_bad_input_is_4xx_never_spends_and_server_keeps_serving(model, tmp_path)
             status, out = call(server.url, "/v1/predict", key, body, ctype)
             assert (status, out["error"]["code"]) == (want_status, want_code), name
             assert out["error"]["message"], name
+            # messages are the server's own words, never an internal exception's text
+            assert not INTERNAL_TEXT.search(out["error"]["message"]), (name, out)
             status, out = call(server.url, "/v1/predict", key, good)
             remaining -= 3
             assert status == 200 and out["remaining"] == remaining, name
@@ -340,6 +410,7 @@ def test_access_log_has_key_images_status_latency(model, tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="distillkit.serve.access"):
             call(server.url, "/v1/predict", key, npy(images(3)))
             call(server.url, "/v1/predict", "nope", npy(images(3)))
+            server.stop()  # a line is written once its answer was delivered and charged
     finally:
         server.stop()
     rows = [
@@ -387,6 +458,10 @@ def test_cli_serve_teacher_serves_and_shuts_down_gracefully(model, tmp_path, cap
             "20",
             "--responses",
             "hard",
+            "--read-timeout",
+            "5",
+            "--max-connections",
+            "8",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -15,8 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve a trained model as a black-box teacher API (needs the `serve` extra)",
         description=(
             "Serve RUN_DIR|CKPT on POST /v1/predict (npy or JSON images in [0, 1]), GET /v1/info and "
-            "GET /healthz, with bearer API keys (create them with `distillkit teacher-keys add`) and "
-            "per-key image budgets persisted in --state. SIGINT/SIGTERM shut down gracefully."
+            "GET /healthz, with bearer API keys (create them with `distillkit teacher-keys add`; "
+            "revoked or added keys take effect without a restart) and per-key image budgets "
+            "persisted in --state, charged only for delivered answers; an Idempotency-Key header "
+            "makes retries free. SIGINT/SIGTERM shut down gracefully."
         ),
     )
     p.add_argument("target", metavar="RUN_DIR|CKPT", help="run directory or checkpoint to serve")
@@ -34,6 +36,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state", default="teacher_state.db", help="SQLite file of spent budgets")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--log-file", default=None, help="access log (JSON lines); default stderr")
+    p.add_argument(
+        "--idempotency-ttl",
+        type=float,
+        default=86400.0,
+        help="seconds an answer stays replayable under its Idempotency-Key (default 86400)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="concurrent connections before new requests get 503 (default 64)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a whole request; slower connections are closed",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=int,
+        default=5,
+        help="seconds an idle kept-alive connection stays open (default 5)",
+    )
     p.set_defaults(func=cmd_serve_teacher)
 
 
@@ -48,13 +74,23 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from distillkit.teachers.server import parse_responses, serve
+    from distillkit.teachers.server import ServerSettings, parse_responses, serve
 
     parse_responses(args.responses)
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.budget is not None and args.budget < 0:
         raise ValueError(f"--budget must be >= 0, got {args.budget}")
+    for flag in ("idempotency_ttl", "max_connections", "read_timeout", "keep_alive_timeout"):
+        value = getattr(args, flag)
+        if not value > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    settings = ServerSettings(
+        idempotency_ttl=args.idempotency_ttl,
+        max_connections=args.max_connections,
+        read_timeout=args.read_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+    )
     handler: logging.Handler = (
         logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler(sys.stderr)
     )
@@ -79,5 +115,6 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
         state=args.state,
         device=args.device,
         max_body_bytes=args.max_body_bytes,
+        settings=settings,
     )
     return 0

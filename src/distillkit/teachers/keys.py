@@ -6,10 +6,12 @@ fast hash is enough (slow password hashes protect low-entropy secrets). Verifica
 digests with ``hmac.compare_digest`` and does the same work whether or not the id exists, so a
 caller learns nothing about which keys exist.
 
-Budgets live in a SQLite file separate from the keys file: the keys file is configuration (edited
-by ``distillkit teacher-keys``), the state file is what the server writes. Spending is a single
-conditional ``UPDATE ... WHERE spent + n <= budget``, which SQLite executes atomically, so
-concurrent requests (threads or several server processes on one file) can never over-spend.
+Budgets live in a SQLite file separate from the keys file (``BudgetStore``, in
+``server_store``): the keys file is configuration (edited by ``distillkit teacher-keys``), the state
+file is what the server writes. A running server re-reads the keys file when it changes (checked
+with one ``stat`` per request), so an added or revoked key takes effect on the next request; a keys
+file that disappears or cannot be parsed refuses every key until it is fixed (fail closed).
+Revoking marks a record (``revoked``: UTC time) instead of deleting it, so listings keep its history.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
-import sqlite3
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from distillkit.teachers.server_store import BudgetStore
+
+__all__ = ["BudgetStore", "KeyRecord", "KeyStore", "hash_key", "key_id_of", "new_key"]
+log = logging.getLogger("distillkit.serve")
 
 KEY_PREFIX = "dk"
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
@@ -50,12 +58,13 @@ def key_id_of(key: str) -> str | None:
 
 @dataclass
 class KeyRecord:
-    """One API key as stored: public id, a human name, the hash, and an optional own budget."""
+    """One API key as stored: public id, name, hash, optional own budget, revocation time."""
 
     id: str
     name: str
     sha256: str
     budget: int | None = None
+    revoked: str | None = None
 
 
 class KeyStore:
@@ -64,33 +73,74 @@ class KeyStore:
     def __init__(self, path: str | Path | None = None, records: list[KeyRecord] | None = None):
         self.path = Path(path) if path is not None else None
         self.records: dict[str, KeyRecord] = {r.id: r for r in (records or [])}
+        self._stamp: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
 
-    @classmethod
-    def load(cls, path: str | Path) -> KeyStore:
-        """Read a keys file; a missing file is an error that names it."""
-        p = Path(path)
+    @staticmethod
+    def _read(p: Path) -> list[KeyRecord]:
         if not p.is_file():
             raise FileNotFoundError(
                 f"keys file not found: {p} (create one with `distillkit teacher-keys add NAME --keys {p}`)"
             )
         try:
             data = json.loads(p.read_text())
-            records = [KeyRecord(**r) for r in data["keys"]]
+            return [KeyRecord(**r) for r in data["keys"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"keys file {p} is not a valid keys file: {exc}") from None
-        return cls(p, records)
+
+    @staticmethod
+    def _stat(p: Path) -> tuple[int, int, int] | None:
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @classmethod
+    def load(cls, path: str | Path) -> KeyStore:
+        """Read a keys file; a missing file is an error that names it."""
+        p = Path(path)
+        stamp = cls._stat(p)
+        store = cls(p, cls._read(p))
+        store._stamp = stamp
+        return store
+
+    def refresh(self) -> None:
+        """Re-read the keys file if it changed since it was read (one stat when it did not)."""
+        if self.path is None or self._stamp is None and not self.path.exists():
+            return  # an in-memory store, or one whose file was never written
+        stamp = self._stat(self.path)
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            try:
+                records = self._read(self.path)
+            except (FileNotFoundError, ValueError) as exc:
+                # fail closed: a key removed by a broken edit must not stay valid
+                log.error("%s; refusing every key until the keys file is fixed", exc)
+                records = []
+            self.records = {r.id: r for r in records}
+            self._stamp = stamp
 
     def save(self) -> None:
         """Write the keys file atomically, readable by its owner only."""
         if self.path is None:
             raise ValueError("this KeyStore has no path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"keys": [asdict(r) for r in self.records.values()]}, indent=2)
+        # `revoked` only where set: files without revocations stay readable by older versions
+        rows = [
+            {k: v for k, v in asdict(r).items() if k != "revoked" or v is not None}
+            for r in self.records.values()
+        ]
+        payload = json.dumps({"keys": rows}, indent=2)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         with os.fdopen(fd, "w") as fh:
             fh.write(payload + "\n")
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
+        self._stamp = self._stat(self.path)
 
     def add(self, name: str, budget: int | None = None) -> str:
         """Create a key; returns the plaintext, which is never stored and cannot be shown again."""
@@ -102,6 +152,29 @@ class KeyStore:
         self.records[key_id] = KeyRecord(key_id, name, hash_key(key), budget)
         return key
 
+    def find(self, ident: str) -> KeyRecord:
+        """The record with this id, or the only one with this name; ValueError otherwise."""
+        if ident in self.records:
+            return self.records[ident]
+        named = [r for r in self.records.values() if r.name == ident]
+        if len(named) == 1:
+            return named[0]
+        where = f"in {self.path}" if self.path is not None else "in this key store"
+        if named:
+            ids = ", ".join(r.id for r in named)
+            raise ValueError(
+                f"{len(named)} keys are named {ident!r} {where} (ids {ids}); give the id"
+            )
+        raise ValueError(f"no key with id or name {ident!r} {where}")
+
+    def revoke(self, ident: str) -> tuple[KeyRecord, bool]:
+        """Mark a key (id or unique name) revoked; returns (record, False if it already was)."""
+        record = self.find(ident)
+        if record.revoked is not None:
+            return record, False
+        record.revoked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return record, True
+
     def verify(self, presented: str | None) -> KeyRecord | None:
         """The record of a valid key, else None; same work for unknown ids and wrong secrets."""
         presented = presented or ""
@@ -109,67 +182,4 @@ class KeyStore:
         record = self.records.get(key_id) if key_id is not None else None
         expected = record.sha256 if record is not None else _DUMMY_HASH
         ok = hmac.compare_digest(hash_key(presented), expected)
-        return record if (ok and record is not None) else None
-
-
-class BudgetStore:
-    """Images spent per key id, in SQLite, so a restarted server keeps every count."""
-
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # one connection guarded by a lock: SQLite serialises writers anyway, and the lock keeps
-        # the read of `remaining` after an update consistent with that update
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS usage (key_id TEXT PRIMARY KEY, spent INTEGER NOT NULL)"
-        )
-
-    def spent(self, key_id: str) -> int:
-        """Images served to this key so far."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT spent FROM usage WHERE key_id = ?", (key_id,)
-            ).fetchone()
-        return int(row[0]) if row else 0
-
-    def remaining(self, key_id: str, budget: int | None) -> int | None:
-        """Images this key may still ask for (None: unlimited)."""
-        return None if budget is None else max(0, budget - self.spent(key_id))
-
-    def reserve(self, key_id: str, n: int, budget: int | None) -> tuple[bool, int | None]:
-        """Atomically spend n images if the budget allows; returns (granted, remaining after)."""
-        with self._lock:
-            self._conn.execute(
-                "INSERT OR IGNORE INTO usage (key_id, spent) VALUES (?, 0)", (key_id,)
-            )
-            if budget is None:
-                self._conn.execute(
-                    "UPDATE usage SET spent = spent + ? WHERE key_id = ?", (n, key_id)
-                )
-                return True, None
-            cur = self._conn.execute(
-                "UPDATE usage SET spent = spent + ? WHERE key_id = ? AND spent + ? <= ?",
-                (n, key_id, n, budget),
-            )
-            granted = cur.rowcount == 1
-            row = self._conn.execute(
-                "SELECT spent FROM usage WHERE key_id = ?", (key_id,)
-            ).fetchone()
-        return granted, max(0, budget - int(row[0]))
-
-    def refund(self, key_id: str, n: int) -> None:
-        """Give back a reservation whose request then failed on the server's side."""
-        with self._lock:
-            self._conn.execute(
-                "UPDATE usage SET spent = MAX(0, spent - ?) WHERE key_id = ?", (n, key_id)
-            )
-
-    def close(self) -> None:
-        """Close the database."""
-        with self._lock:
-            self._conn.close()
+        return record if (ok and record is not None and record.revoked is None) else None

@@ -1,36 +1,46 @@
 """Serve a trained model as a black-box teacher over HTTP (FastAPI + uvicorn, extra `serve`).
 
-Protocol (all bodies JSON unless said otherwise; errors are ``{"error": {"code", "message"}}``):
+Protocol (all bodies JSON unless said otherwise; errors are ``{"error": {"code", "message"}}``
+with a fixed, server-written message; the schema is at ``GET /openapi.json``):
 
 - ``POST /v1/predict`` with ``Authorization: Bearer KEY``. The body is either ``.npy`` bytes
-  (``Content-Type: application/x-npy`` or ``application/octet-stream``; read with
-  ``allow_pickle=False``) or JSON ``{"images": [[[[...]]]]}``. Images are (N, C, H, W), float32 in
-  [0, 1] or uint8 in [0, 255], in *pixel* space: the server applies its model's own normalisation.
-  Answers ``{"responses": "soft", "probs": [[...]]}`` (probabilities rounded to 6 decimals),
-  ``{"responses": "topk", "k": K, "indices": [[...]], "probs": [[...]]}`` or
-  ``{"responses": "hard", "labels": [...]}``, plus ``"remaining"`` (this key's budget after the
-  call, null when unlimited). Logits are never returned.
+  (``Content-Type: application/x-npy`` or ``application/octet-stream``; no pickle; the header is
+  checked before any data is read) or JSON ``{"images": [[[[...]]]]}`` of numbers only. Images are
+  (N, C, H, W), float32 in [0, 1] or uint8 in [0, 255], in *pixel* space: the server applies its
+  model's own normalisation. Answers ``{"responses": "soft", "probs": [[...]]}`` (probabilities
+  rounded to 6 decimals), ``{"responses": "topk", "k": K, "indices": [[...]], "probs": [[...]]}``
+  or ``{"responses": "hard", "labels": [...]}``, plus ``"remaining"`` (this key's budget after the
+  call, null when unlimited). Logits are never returned. An optional ``Idempotency-Key`` header
+  (1-128 of ``[A-Za-z0-9_-]``) makes retries free: the same key and body within the TTL get the
+  stored answer (header ``Idempotent-Replayed: true``), another body gets 422, a repeat while the
+  first still runs waits for it.
 - ``GET /v1/info`` (authenticated): input shape, dtypes, classes, response kind, max batch, and
   this key's budget and remaining count.
 - ``GET /healthz``: liveness, no key needed.
 
-Every request passes, in order: authentication (401, the same body for a missing, malformed or
-unknown key), the body size limit (413), decoding and validation (400/415/422, each naming the
-problem), then the budget, reserved atomically per image before inference (429 with the remaining
-count when the batch does not fit; a batch is served whole or not at all) and refunded if inference
-fails. Bad input is therefore never charged. Each request writes one JSON line to the
-``distillkit.serve.access`` logger (key id, images, status, latency). uvicorn handles SIGINT/
-SIGTERM gracefully: it stops accepting connections, lets in-flight requests finish, then the
-lifespan hook closes the budget database.
+Every request passes, in order: authentication (401, the same body for a missing, malformed,
+unknown or revoked key; the keys file is re-read when it changes), the body size limit (413),
+decoding and validation (400/415/422, each naming the problem), the idempotency check, then the
+budget: the batch's images are *reserved* atomically (429 with the remaining count when they do not
+fit; a batch is served whole or not at all). The charge follows delivery: the reservation is
+committed only after the answer was handed to the connection while the client was still there, and
+released when the client left before (checked before the status line and before the body), when
+inference failed, or when the server was killed (released by the next start). Bad input is
+therefore never charged. Each authenticated request writes one JSON line to the
+``distillkit.serve.access`` logger (key id, images charged, status, latency; status 499 when the
+client left before an answer); requests without a valid key are sampled (one line per interval,
+with counts of those left out). Connections get TCP_NODELAY, a deadline for sending each request
+(``read_timeout``), uvicorn's keep-alive timeout and a cap on concurrent connections (503 above).
+uvicorn handles SIGINT/SIGTERM gracefully: it stops accepting connections, lets in-flight requests
+finish, then the lifespan hook closes the budget database.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' `Request` annotation
 # at runtime, and Request is imported inside create_app so the core install needs no FastAPI
-import io
+import hashlib
 import json
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -44,20 +54,41 @@ import torch
 from torch import nn
 
 from distillkit.teachers.keys import BudgetStore, KeyRecord, KeyStore
+from distillkit.teachers.server_http import (
+    IDEMPOTENCY_PARAMETER,
+    NPY_MAGIC,
+    NPY_TYPES,
+    PREDICT_BODY,
+    AccessLog,
+    ApiError,
+    SampledLog,
+    add_bearer_scheme,
+    bind_socket,
+    client_gone,
+    decode_images,
+    drain,
+    error_body,
+    error_responses,
+    parse_idempotency_key,
+    uvicorn_config,
+)
+from distillkit.teachers.server_store import Claim
 
+__all__ = [
+    "NPY_MAGIC",
+    "NPY_TYPES",
+    "ApiError",
+    "ServerSettings",
+    "ServerThread",
+    "TeacherService",
+    "create_app",
+    "decode_images",
+    "load_service",
+    "serve",
+]
 ACCESS_LOGGER = "distillkit.serve.access"
-NPY_MAGIC = b"\x93NUMPY"
-NPY_TYPES = ("application/x-npy", "application/octet-stream", "application/npy")
 log = logging.getLogger("distillkit.serve")
 access_log = logging.getLogger(ACCESS_LOGGER)
-
-
-class ApiError(Exception):
-    """A client error with its HTTP status, a stable code and a message naming the problem."""
-
-    def __init__(self, status: int, code: str, message: str, **extra: Any):
-        super().__init__(message)
-        self.status, self.code, self.message, self.extra = status, code, message, extra
 
 
 def parse_responses(text: str) -> tuple[str, int | None]:
@@ -108,28 +139,33 @@ class TeacherService:
         """The configured response kind as given on the command line."""
         return f"topk:{self.k}" if self.kind == "topk" else self.kind
 
-    def validate(self, arr: np.ndarray, max_batch: int) -> np.ndarray:
-        """Float32 images in [0, 1] from a decoded array, or ApiError naming what is wrong."""
-        if arr.dtype not in (np.float32, np.uint8):
+    def check_header(self, shape: tuple[int, ...], dtype: np.dtype, max_batch: int) -> None:
+        """Refuse a batch by its dtype and shape alone (ApiError naming what is wrong)."""
+        if dtype not in (np.float32, np.uint8):
             raise ApiError(
                 422,
                 "bad_dtype",
-                f"images must be float32 in [0, 1] or uint8, got dtype {arr.dtype}",
+                f"images must be float32 in [0, 1] or uint8, got dtype {str(dtype)[:40]}",
             )
         want = self.input_shape
-        if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
+        if len(shape) != 4 or tuple(shape[1:]) != want:
+            got = str(tuple(shape)) if len(shape) <= 8 else f"{len(shape)} dimensions"
             raise ApiError(
                 422,
                 "bad_shape",
-                f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}), got {tuple(arr.shape)}",
+                f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}), got {got}",
             )
-        n = arr.shape[0]
+        n = shape[0]
         if n == 0:
             raise ApiError(422, "empty_batch", "the batch holds no images")
         if n > max_batch:
             raise ApiError(
                 422, "batch_too_large", f"batch of {n} images exceeds max_batch {max_batch}"
             )
+
+    def validate(self, arr: np.ndarray, max_batch: int) -> np.ndarray:
+        """Float32 images in [0, 1] from a decoded array, or ApiError naming what is wrong."""
+        self.check_header(tuple(arr.shape), arr.dtype, max_batch)
         if arr.dtype == np.uint8:
             return arr.astype(np.float32) / 255.0
         if not np.isfinite(arr).all():
@@ -175,55 +211,20 @@ class TeacherService:
         }
 
 
-def decode_images(body: bytes, content_type: str) -> np.ndarray:
-    """The array inside a request body (.npy or JSON); ApiError for anything else."""
-    ctype = (content_type or "").split(";")[0].strip().lower()
-    if ctype == "application/json":
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(
-                400, "malformed_json", f"request body is not valid JSON: {exc}"
-            ) from None
-        if not isinstance(data, dict) or "images" not in data:
-            raise ApiError(422, "missing_images", 'JSON body must be an object with key "images"')
-        try:
-            arr = np.asarray(data["images"], dtype=np.float32)
-        except (ValueError, TypeError) as exc:
-            raise ApiError(
-                422, "bad_images", f'"images" must be a rectangular array of numbers: {exc}'
-            ) from None
-        return arr
-    if ctype in NPY_TYPES:
-        if not body.startswith(NPY_MAGIC):
-            if body[:1] == b"\x80":
-                raise ApiError(400, "pickle_refused", "pickle payloads are refused; send .npy")
-            raise ApiError(400, "not_npy", "body is not a .npy file (bad magic bytes)")
-        try:
-            return np.lib.format.read_array(io.BytesIO(body), allow_pickle=False)
-        except ValueError as exc:
-            if "pickle" in str(exc).lower():
-                raise ApiError(
-                    400, "pickle_refused", "object arrays (pickle) are refused; send a numeric .npy"
-                ) from None
-            raise ApiError(400, "bad_npy", f"could not read the .npy body: {exc}") from None
-        except Exception as exc:  # truncated headers raise several types
-            raise ApiError(400, "bad_npy", f"could not read the .npy body: {exc}") from None
-    raise ApiError(
-        415,
-        "unsupported_media_type",
-        f"Content-Type must be application/x-npy or application/json, got {ctype or 'none'!r}",
-    )
-
-
 @dataclass
 class ServerSettings:
-    """Limits and budgets of one server."""
+    """Limits, budgets and timeouts of one server."""
 
     max_batch: int = 256
     max_body_bytes: int | None = None  # default: room for a max batch as JSON
     default_budget: int | None = None  # for keys without a budget of their own; None: unlimited
     extra_info: dict[str, Any] = field(default_factory=dict)
+    idempotency_ttl: float = 86400.0  # seconds an answer stays replayable under its key
+    idempotency_wait: float = 30.0  # how long a duplicate waits for the first to finish
+    read_timeout: float = 30.0  # seconds to receive one whole request (headers and body)
+    keep_alive_timeout: int = 5  # seconds an idle kept-alive connection stays open
+    max_connections: int | None = 64  # concurrent connections/requests; 503 above
+    log_interval: float = 10.0  # one access-log line per interval for requests without a key
 
 
 def default_body_limit(input_shape: Sequence[int], max_batch: int) -> int:
@@ -234,11 +235,12 @@ def default_body_limit(input_shape: Sequence[int], max_batch: int) -> int:
 def _error(exc: ApiError, headers: dict[str, str] | None = None):
     from fastapi.responses import JSONResponse
 
-    body = {"error": {"code": exc.code, "message": exc.message, **exc.extra}}
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
 UNAUTHORIZED = ApiError(401, "unauthorized", "missing or invalid API key")
+INTERNAL = ApiError(500, "internal", "the server failed to answer; nothing was charged")
+SECURED = {"security": [{"bearerKey": []}]}
 
 
 def create_app(
@@ -250,10 +252,14 @@ def create_app(
     """The FastAPI application serving `service` to holders of `keys`, charging `budgets`."""
     import anyio
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     settings = settings or ServerSettings()
     limit = settings.max_body_bytes or default_body_limit(service.input_shape, settings.max_batch)
+    budgets.reply_ttl = settings.idempotency_ttl
+    sampled = SampledLog(access_log, settings.log_interval)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -261,15 +267,30 @@ def create_app(
             "teacher server up: responses=%s max_batch=%d", service.responses, settings.max_batch
         )
         yield
+        sampled.flush()
         budgets.close()
         log.info("teacher server stopped; budget database closed")
 
     app = FastAPI(title="distillkit teacher", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    add_bearer_scheme(app)
+    app.add_middleware(AccessLog, sampled=sampled)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(ApiError(exc.status_code, code, str(exc.detail)[:200]), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return _error(INTERNAL)
 
     def budget_of(record: KeyRecord) -> int | None:
         return record.budget if record.budget is not None else settings.default_budget
 
     def authenticate(request: Request) -> KeyRecord:
+        keys.refresh()
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         record = keys.verify(token.strip() if scheme.lower() == "bearer" else None)
@@ -280,48 +301,110 @@ def create_app(
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _drain(request, limit)
-            raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds {limit} bytes")
+        too_long = declared is not None and declared.isdigit()
+        if too_long and (len(declared) > 18 or int(declared) > limit):
+            await drain(request, limit)
+            raise ApiError(
+                413, "body_too_large", f"body of {declared[:20]} bytes exceeds {limit} bytes"
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                await _drain(request, limit)
+                await drain(request, limit)
                 raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.middleware("http")
-    async def access(request: Request, call_next):
-        t0 = time.perf_counter()
-        request.state.key_id = None
-        request.state.images = 0
-        status = 500
+    def decode(body: bytes, content_type: str) -> np.ndarray:
+        def check(shape, dtype):
+            service.check_header(shape, dtype, settings.max_batch)
+
+        return service.validate(decode_images(body, content_type, check), settings.max_batch)
+
+    def answer(body: bytes, content_type: str, outcome: Claim, images=None) -> bytes | None:
+        """The JSON answer for a reserved batch; None (reservation released) if inference fails."""
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            access_log.info(
-                json.dumps(
-                    {
-                        "ts": round(time.time(), 3),
-                        "method": request.method,
-                        "path": request.url.path,
-                        "key_id": request.state.key_id,
-                        "images": request.state.images,
-                        "status": status,
-                        "latency_ms": round(1000 * (time.perf_counter() - t0), 2),
-                    }
-                )
+            images = decode(body, content_type) if images is None else images
+            payload = service.predict(images)
+            payload["remaining"] = outcome.remaining
+            return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+        except Exception:
+            budgets.release(outcome.reservation)
+            log.exception("inference failed; nothing was charged")
+            return None
+
+    def admit(body: bytes, content_type: str, key_id: str, budget: int | None, scoped):
+        """Decode, validate, claim the budget and, when reserved, answer: one worker-thread hop."""
+        images = decode(body, content_type)
+        n = int(images.shape[0])
+        fingerprint = hashlib.sha256(body).hexdigest() if scoped is not None else None
+        outcome = budgets.begin(key_id, n, budget, scoped, fingerprint)
+        content = None
+        if outcome.status == "reserved":
+            content = answer(body, content_type, outcome, images)
+        return n, fingerprint, outcome, content
+
+    async def claim(request: Request, key_id: str, n: int, budget, idem, fingerprint):
+        """The budget/idempotency outcome; a duplicate of a running request waits for it."""
+        deadline, delay = time.monotonic() + settings.idempotency_wait, 0.01
+        while True:
+            outcome = await anyio.to_thread.run_sync(
+                budgets.begin, key_id, n, budget, idem, fingerprint
             )
+            if outcome.status != "in_progress" or time.monotonic() > deadline:
+                return outcome
+            if await client_gone(request.receive):
+                return None
+            await anyio.sleep(delay)
+            delay = min(0.2, 2 * delay)
+
+    async def settle(reservation: str, delivered: bool, reply: bytes) -> bool:
+        """Commit (delivered) or release a reservation, even while being cancelled."""
+        with anyio.CancelScope(shield=True):
+            try:
+                if delivered:
+                    return await anyio.to_thread.run_sync(budgets.commit, reservation, reply)
+                await anyio.to_thread.run_sync(budgets.release, reservation)
+            except Exception:
+                log.exception(
+                    "could not settle reservation %s (delivered=%s)", reservation, delivered
+                )
+        return False
+
+    class Delivered(Response):
+        """The answer; its reservation is charged only if the client was there to receive it."""
+
+        media_type = "application/json"
+
+        def __init__(self, content: bytes, headers: dict[str, str], reservation: str, n: int):
+            super().__init__(content, 200, headers)
+            self.reservation, self.n = reservation, n
+
+        async def __call__(self, scope, receive, send) -> None:
+            delivered = False
+            try:
+                if not await client_gone(receive):
+                    start = {"type": "http.response.start", "status": 200}
+                    await send({**start, "headers": self.raw_headers})
+                    if not await client_gone(receive):
+                        await send({"type": "http.response.body", "body": self.body})
+                        delivered = True
+            finally:
+                if await settle(self.reservation, delivered, self.body):
+                    scope.setdefault("state", {})["images"] = self.n
+
+    class Gone(Response):
+        """Nothing to send: the client left (logged as 499)."""
+
+        async def __call__(self, scope, receive, send) -> None:
+            return None
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", openapi_extra=SECURED, responses=error_responses("401", "503"))
     async def info(request: Request):
         try:
             record = authenticate(request)
@@ -339,22 +422,53 @@ def create_app(
             **settings.extra_info,
         }
 
-    @app.post("/v1/predict")
+    @app.post(
+        "/v1/predict",
+        openapi_extra={
+            **SECURED,
+            "requestBody": PREDICT_BODY,
+            "parameters": [IDEMPOTENCY_PARAMETER],
+        },
+        responses=error_responses("400", "401", "409", "413", "415", "422", "429", "503"),
+    )
     async def predict(request: Request):
         try:
             record = authenticate(request)
         except ApiError as exc:
             return _error(exc, {"WWW-Authenticate": "Bearer"})
+        budget = budget_of(record)
         try:
+            idem = parse_idempotency_key(request.headers.get("idempotency-key"))
+            scoped = f"{service.responses}:{idem}" if idem is not None else None
             body = await read_body(request)
-            arr = decode_images(body, request.headers.get("content-type", ""))
-            images = service.validate(arr, settings.max_batch)
+            ctype = request.headers.get("content-type", "")
+            n, fingerprint, outcome, content = await anyio.to_thread.run_sync(
+                admit, body, ctype, record.id, budget, scoped
+            )
         except ApiError as exc:
             return _error(exc)
-        n = int(images.shape[0])
-        budget = budget_of(record)
-        granted, remaining = await anyio.to_thread.run_sync(budgets.reserve, record.id, n, budget)
-        if not granted:
+        except ClientDisconnect:
+            return Gone()
+        if outcome.status == "in_progress":  # a duplicate: wait for the first to finish
+            outcome = await claim(request, record.id, n, budget, scoped, fingerprint)
+            if outcome is None:
+                return Gone()
+            if outcome.status == "reserved":
+                if await client_gone(request.receive):
+                    await settle(outcome.reservation, False, b"")
+                    return Gone()
+                content = await anyio.to_thread.run_sync(answer, body, ctype, outcome)
+        if outcome.status == "replay":
+            return Response(outcome.body, 200, {"Idempotent-Replayed": "true"}, "application/json")
+        if outcome.status in ("mismatch", "in_progress"):
+            conflict = {
+                "mismatch": (422, "idempotency_key_reused", "was already used with another body"),
+                "in_progress": (409, "idempotency_in_progress", "belongs to a running request"),
+            }
+            status, code, what = conflict[outcome.status]
+            return _error(ApiError(status, code, f"Idempotency-Key {idem!r} {what}"))
+        remaining = outcome.remaining
+        if outcome.status == "refused":
             return _error(
                 ApiError(
                     429,
@@ -364,33 +478,12 @@ def create_app(
                 ),
                 {"X-Budget-Remaining": str(remaining)},
             )
-        try:
-            payload = await anyio.to_thread.run_sync(service.predict, images)
-        except Exception:
-            await anyio.to_thread.run_sync(budgets.refund, record.id, n)
-            log.exception("inference failed; budget refunded")
-            return JSONResponse(
-                {"error": {"code": "internal", "message": "inference failed; nothing was charged"}},
-                status_code=500,
-            )
-        request.state.images = n
-        payload["remaining"] = remaining
-        headers = {"X-Budget-Remaining": str(remaining)} if remaining is not None else None
-        return JSONResponse(payload, headers=headers)
+        if content is None:  # inference failed and its reservation was released
+            return _error(INTERNAL)
+        headers = {"X-Budget-Remaining": str(remaining)} if remaining is not None else {}
+        return Delivered(content, headers, outcome.reservation, n)
 
     return app
-
-
-async def _drain(request, limit: int) -> None:
-    """Read and drop an oversized body (bounded) so the client sees the 413, not a reset."""
-    seen = 0
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > 8 * limit + (8 << 20):
-                break
-    except Exception:
-        pass
 
 
 def load_service(path: str | Path, responses: str = "soft", device: str = "cpu") -> TeacherService:
@@ -401,16 +494,6 @@ def load_service(path: str | Path, responses: str = "soft", device: str = "cpu")
     return TeacherService(model, state["model_meta"], responses, device)
 
 
-def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening-ready TCP socket (port 0: a free port, read back from getsockname)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
-
-
 class ServerThread:
     """Run an app with uvicorn in a background thread (tests, benchmarks); stop() shuts down."""
 
@@ -419,10 +502,8 @@ class ServerThread:
 
         self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(
-            app, log_level="warning", access_log=False, timeout_graceful_shutdown=5
-        )
-        self.server = uvicorn.Server(config)
+        settings = getattr(app.state, "settings", None) or ServerSettings()
+        self.server = uvicorn.Server(uvicorn_config(app, settings))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
@@ -466,22 +547,26 @@ def serve(
     state: str | Path = "teacher_state.db",
     device: str = "cpu",
     max_body_bytes: int | None = None,
+    settings: ServerSettings | None = None,
 ) -> None:
-    """Load a trained model and serve it until SIGINT/SIGTERM (graceful)."""
+    """Load a trained model and serve it until SIGINT/SIGTERM (graceful).
+
+    `settings`, when given, supplies the timeouts and limits; the explicit arguments override
+    its batch size, body limit and default budget.
+    """
     import uvicorn
 
     service = load_service(target, responses, device)
     keys = KeyStore.load(keys_file)
-    if not keys.records:
+    if not any(r.revoked is None for r in keys.records.values()):
         raise ValueError(
-            f"keys file {keys_file} holds no keys; add one with `distillkit teacher-keys add`"
+            f"keys file {keys_file} holds no active keys; add one with `distillkit teacher-keys add`"
         )
-    budgets = BudgetStore(state)
-    settings = ServerSettings(max_batch, max_body_bytes, budget)
+    settings = settings or ServerSettings()
+    settings.max_batch, settings.max_body_bytes = max_batch, max_body_bytes
+    settings.default_budget = budget
+    budgets = BudgetStore(state, reply_ttl=settings.idempotency_ttl)
     app = create_app(service, keys, budgets, settings)
     sock = bind_socket(host, port)
     log.info("serving %s on http://%s:%d", target, *sock.getsockname()[:2])
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_graceful_shutdown=10
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, settings, graceful=10)).run(sockets=[sock])
