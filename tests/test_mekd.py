@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+from importlib.util import module_from_spec, spec_from_file_location
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distillkit.cli import main
+from distillkit.config import config_from_dict
 from distillkit.data.datasets import load_dataset
+from distillkit.data.transforms import BatchShard, use_shard
 from distillkit.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from distillkit.methods.blackbox import BlackBoxOptions, BudgetedDistiller, select_queries
+from distillkit.engine.trainer import Trainer
+from distillkit.methods.blackbox import (
+    BlackBoxKDOptions,
+    BlackBoxOptions,
+    BudgetedDistiller,
+    EdgePoolDistiller,
+    select_queries,
+)
 from distillkit.methods.mekd import (
     MEKD,
     Discriminator,
@@ -24,9 +37,10 @@ from distillkit.methods.mekd import (
     im_weights,
     teacher_vector,
 )
+from distillkit.methods.registry import get_method
 from distillkit.models import build_model
-from distillkit.runner import resume
-from distillkit.teachers import BlackBoxTeacher, BudgetExceededError, TeacherOutput
+from distillkit.runner import check_teacher_data, prepare, resume
+from distillkit.teachers import BlackBoxTeacher, BudgetExceededError, LocalTeacher, TeacherOutput
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -131,23 +145,24 @@ def test_class_balance_weights_give_every_present_class_the_same_total():
 # --------------------------------------------------------------------------- optimizer ownership
 
 
-def _mekd(teacher_dir, bundle, budget=None, response="soft", **kw) -> MEKD:
+BATCH = 32
+
+
+def _mekd(teacher_dir, bundle, budget=None, response="soft", epochs=2, **kw) -> MEKD:
+    """An MEKD (one GAN epoch by default) attached to a Trainer: its optimizers, steps per epoch."""
     model, _ = model_from_checkpoint(teacher_dir)
-    opts = MEKDOptions(budget=budget, response=response, gen_width=16, gan_epochs=1, **kw)
+    kw = {"gan_epochs": 1, **kw}
+    opts = MEKDOptions(budget=budget, response=response, gen_width=16, **kw)
     student = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
-    return MEKD(student, BlackBoxTeacher(model, response, budget), opts, bundle, 10, 32)
+    m = MEKD(student, BlackBoxTeacher(model, response, budget), opts, bundle, BATCH)
+    cfg = config_from_dict({"model": "mlp", "batch_size": BATCH, "epochs": epochs, "lr": 0.1})
+    Trainer(cfg, m, bundle, torch.device("cpu"), teacher_dir.parent / "unit")
+    return m
 
 
 def _step(distiller, x):
-    """What the trainer does: sum the losses, backward, step its optimizer over trainable params."""
-    opt = torch.optim.SGD(
-        list(distiller.trainable_parameters()), lr=0.1, momentum=0.9, weight_decay=5e-4
-    )
-    logits, losses = distiller.training_step((x, torch.zeros(len(x), dtype=torch.long), None))
-    opt.zero_grad()
-    sum(losses.values()).backward()
-    opt.step()
-    return logits, losses
+    """One training step of a manually optimizing method: it steps its own optimizers."""
+    return distiller.training_step((x, torch.zeros(len(x), dtype=torch.long), None))
 
 
 def _snapshot(module):
@@ -160,22 +175,111 @@ def _changed(before, module) -> bool:
 
 def test_gan_phase_trains_gan_not_student_and_spends_budget(teacher_dir, bundle):
     m = _mekd(teacher_dir, bundle, budget=64, im_batch=8, gan_query_fraction=0.5)
-    names = {id(p) for p in m.trainable_parameters()}
-    assert not any(
-        id(p) in names for p in [*m.generator.parameters(), *m.discriminator.parameters()]
-    )
     m.train()
     m.on_epoch_start(0)
     s0, g0, d0 = _snapshot(m.student), _snapshot(m.generator), _snapshot(m.discriminator)
     x = torch.randn(32, 1, 8, 8)
     logits, losses = _step(m, x)
-    assert logits.shape == (32, 10)
+    assert logits is None  # the student takes no part in a GAN step
     assert {"gan_d", "gan_g", "gan_im"} <= set(losses)
-    assert not _changed(s0, m.student)  # no gradient reached it: SGD (and weight decay) skip it
+    assert not any(v.requires_grad for v in losses.values())  # stepped here, only logged there
+    assert not _changed(s0, m.student)  # its optimizer (and weight decay) never stepped
     assert _changed(g0, m.generator) and _changed(d0, m.discriminator)
     assert m.spent == 8 and m.teacher.queries == 8
-    # 32 queries for the GAN phase spread over 10 steps at 8 per query: every 3rd step
-    assert m.im_every == 3
+    # 32 queries for the GAN phase, 8 per query, spread evenly over the epoch's trainer steps
+    steps = math.ceil(len(bundle.train) / BATCH)
+    assert m.im_every == math.ceil(steps / 4)
+
+
+@pytest.mark.parametrize("method", ["blackbox_kd", "blackbox_hard", "mekd"])
+def test_trainer_optimizers_own_exactly_the_trained_modules(teacher_dir, tmp_path, method):
+    options = {"budget": 100, **({"gan_epochs": 1, "gen_width": 16} if method == "mekd" else {})}
+    data = {"method": method, "model": "mlp", "epochs": 2, "teacher": str(teacher_dir)}
+    p = prepare(config_from_dict({**data, "out_dir": str(tmp_path), "options": options}))
+    trainer = Trainer(p.cfg, p.distiller, p.bundle, p.device, tmp_path, p.ctx)
+    d = p.distiller
+    assert not [name for name, _ in d.named_parameters() if "anchor" in name]
+    owned = [id(q) for o in trainer.opts for q in o.params()]
+    assert len(owned) == len(set(owned))  # no parameter is stepped by two optimizers
+    modules = {"student": d.student}
+    if method == "mekd":
+        modules.update(generator=d.generator, discriminator=d.discriminator)
+    expected = {name: {id(q) for q in module.parameters()} for name, module in modules.items()}
+    assert {o.name: {id(q) for q in o.params()} for o in trainer.opts} == expected
+    trainer.close()
+
+
+def test_student_schedule_counts_from_the_first_distillation_epoch(teacher_dir, bundle):
+    # 1 GAN epoch of 3, cosine: the student's cosine spans the 2 epochs it trains in
+    m = _mekd(teacher_dir, bundle, budget=100, epochs=3)
+    opts = {o.name: o for o in m.optimizers()}
+    assert list(opts) == ["student", "generator", "discriminator"]
+    steps = math.ceil(len(bundle.train) / BATCH)
+    f = opts["student"].lr_lambda
+    assert f(0) == f(steps - 1) == f(steps) == 1.0
+    assert f(2 * steps) == pytest.approx(0.5)
+    assert f(3 * steps - 1) < 1e-2
+    student = opts["student"].optimizer
+    assert isinstance(student, torch.optim.SGD) and student.defaults["lr"] == 0.1
+    for name in ("generator", "discriminator"):
+        adam = opts[name].optimizer
+        assert isinstance(adam, torch.optim.Adam) and opts[name].lr_lambda is None
+        assert adam.defaults["lr"] == m.options.gan_lr
+        assert adam.defaults["betas"] == (m.options.gan_beta1, m.options.gan_beta2)
+
+
+def test_per_step_draws_are_each_ranks_rows_of_the_global_draw(teacher_dir, bundle):
+    """Rank 1 of a (2, 4) split of a 6-row batch draws rows 2..5 of the one-process draw."""
+    x = torch.randn(6, 1, 8, 8)
+    shard = BatchShard.from_counts((2, 4), rank=1)
+
+    def full_and_mine(fn):
+        torch.manual_seed(0)
+        full = fn(x)
+        torch.manual_seed(0)
+        with use_shard(shard):
+            mine = fn(x[2:])
+        return full, mine
+
+    model, _ = model_from_checkpoint(teacher_dir)
+    student = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
+    teacher = BlackBoxTeacher(model, "soft", 50)
+    pool = EdgePoolDistiller(student, teacher, BlackBoxOptions(budget=50), bundle)
+    full, mine = full_and_mine(pool.draw_pool)
+    assert torch.equal(mine, full[2:])
+    # MEKD: the GAN noise, and the distillation batch (row 2 an edge image, rows 3..5 generated)
+    m = _mekd(teacher_dir, bundle, budget=100, edge_share=0.5)
+    full, mine = full_and_mine(m.gan_latents)
+    assert torch.equal(mine, full[2:])
+    m.on_epoch_start(1)
+    (xf, tf), (xm, tm) = full_and_mine(m.distill_batch)
+    assert xf.shape[0] == 6 and xm.shape[0] == 4
+    torch.testing.assert_close(xm, xf[2:])
+    torch.testing.assert_close(tm, tf[2:])
+
+
+def test_blackbox_kd_reads_its_temperature_from_options(teacher_dir, bundle):
+    model, _ = model_from_checkpoint(teacher_dir)
+    cfg = config_from_dict({"method": "blackbox_kd", "model": "mlp"})
+    x = torch.randn(8, 1, 8, 8)
+    losses = []
+    for t in (1.0, 6.0):
+        torch.manual_seed(0)
+        student = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
+        options = BlackBoxKDOptions(budget=40, temperature=t)
+        d = get_method("blackbox_kd").build(cfg, options, student, LocalTeacher(model), bundle)
+        torch.manual_seed(1)
+        _, loss = d.training_step((x, torch.zeros(8, dtype=torch.long), None))
+        torch.manual_seed(1)
+        sel = d.draw_pool(x)
+        xp = (bundle.train.images[d.pool_idx[sel]].float() / 255.0 - bundle.mean[0]) / bundle.std[0]
+        log_p_t, log_p_s = d.pool_t[sel].div(t).log_softmax(1), student(xp).div(t).log_softmax(1)
+        expected = t * t * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+        torch.testing.assert_close(loss["kd"], expected)
+        losses.append(loss["kd"])
+    assert not torch.isclose(losses[0], losses[1])
+    with pytest.raises(ValueError, match="options.temperature"):
+        BlackBoxKDOptions(temperature=0).validate()
 
 
 def test_distill_phase_trains_student_through_frozen_generator(teacher_dir, bundle):
@@ -353,11 +457,23 @@ def test_mekd_end_to_end_and_resume(teacher_dir, tmp_path, response):
     assert sum(p.numel() for p in model.parameters()) == sum(
         v.numel() for v in state["model"].values()
     )
-    spent = state["distiller"]["__blackbox__"]["spent"]
+    spent = state["extra_state"]["spent"]
     assert spent == m["teacher_queries"] == 400  # the transfer set used what the GAN left
     # resuming for one more epoch reuses the transfer set from the checkpoint: no new queries
     summary = resume(out, {"epochs": 3})
     assert summary["teacher_queries"] == 400 and summary["epochs"] == 3
+    if response == "hard":
+        return
+    # a later run takes G and D from this one and only distils: G is used frozen, never changed
+    later = tmp_path / "later"
+    args = [a for a in args if not a.startswith(("options.gan_epochs", "out_dir", "epochs"))]
+    extra = ["options.gan_epochs=0", f"options.generator={out}", "epochs=1", f"out_dir={later}"]
+    assert main([*args, *extra]) == 0
+    ours = load_checkpoint(later, which="last")["distiller"]
+    theirs = load_checkpoint(out, which="last")["distiller"]
+    for key in theirs:
+        if key.startswith(("generator.", "discriminator.")):
+            assert torch.equal(ours[key], theirs[key]), key
 
 
 def test_mekd_against_a_real_http_teacher(teacher_dir, tmp_path, monkeypatch):
@@ -396,6 +512,7 @@ def test_mekd_against_a_real_http_teacher(teacher_dir, tmp_path, monkeypatch):
 def test_mekd_config_errors(teacher_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "x"
     base = ["distill", "method=mekd", "model=mlp", f"out_dir={out}", "--quiet"]
+    teacher = f"teacher={teacher_dir}"
     monkeypatch.delenv("DISTILLKIT_API_KEY", raising=False)
     cases = [
         (["epochs=2", "options.gan_epochs=2", f"teacher={teacher_dir}"], "gan_epochs"),
@@ -404,6 +521,24 @@ def test_mekd_config_errors(teacher_dir, tmp_path, capsys, monkeypatch):
         (
             ["epochs=2", "options.gan_epochs=1", "options.teacher_url=http://127.0.0.1:9"],
             "DISTILLKIT_API_KEY",
+        ),
+        (
+            ["options.gan_epochs=0", f"options.generator={tmp_path / 'none'}", teacher],
+            "options.generator",
+        ),
+        (
+            ["options.gan_epochs=0", f"options.generator={teacher_dir}", teacher],
+            "holds no MEKD generator",
+        ),
+        (
+            [
+                "epochs=2",
+                "options.gan_epochs=1",
+                "options.gan_steps_per_batch=2",
+                "amp=fp16",
+                teacher,
+            ],
+            "gan_steps_per_batch",
         ),
     ]
     for args, needle in cases:
@@ -419,16 +554,47 @@ def test_gan_steps_per_batch_runs_several_updates_and_spreads_queries(teacher_di
     m = _mekd(
         teacher_dir, bundle, budget=64, im_batch=8, gan_query_fraction=0.5, gan_steps_per_batch=3
     )
-    # 10 trainer steps x 3 updates = 30 GAN updates; 4 queries of 8 -> one every 8th update
-    assert m.im_every == 8
+    # every trainer step makes 3 GAN updates; 4 queries of 8 spread evenly over all of them
+    updates = 3 * math.ceil(len(bundle.train) / BATCH)
+    every = math.ceil(updates / 4)
+    assert m.im_every == every
     m.train()
     m.on_epoch_start(0)
     x = torch.randn(32, 1, 8, 8)
     _, losses = _step(m, x)
     assert m.gan_step == 3 and m.spent == 8  # the first update queried, the next two did not
     assert {"gan_d", "gan_g", "gan_im"} <= set(losses)
-    for _ in range(9):
+    while m.gan_step < updates:
         _step(m, x)
-    assert m.gan_step == 30 and m.spent == 32 == m.teacher.queries
+    assert m.gan_step == updates and m.spent == 32 == m.teacher.queries
     with pytest.raises(ValueError, match="gan_steps_per_batch"):
         MEKDOptions(gan_steps_per_batch=0).validate()
+
+
+def test_benchmark_whitebox_reference_accepts_its_fashion_mnist_teacher(tmp_path, monkeypatch):
+    """mekd_fmnist's white-box KD: a teacher trained on fashion-mnist, students on the edge shard."""
+    from distillkit.teachers import server
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mekd_fmnist.py"
+    spec = spec_from_file_location("mekd_fmnist_bench", path)
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fake = SimpleNamespace(url="http://127.0.0.1:1", stop=lambda: None)
+    fake.start = lambda: fake
+    monkeypatch.setattr(server, "load_service", lambda *a, **k: None)
+    monkeypatch.setattr(server, "create_app", lambda *a, **k: None)
+    monkeypatch.setattr(server, "ServerThread", lambda app: fake)
+    jobs = []
+    row = {"seed": 0, "acc": 1.0, "queries": 0, "MB": 0.0, "seconds": 0.0}
+    monkeypatch.setattr(bench, "run_one", lambda job: jobs.append(job) or {**job, **row})
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "metrics.json").write_text(json.dumps({"test_acc": 90.0}))
+    argv = ["mekd_fmnist.py", "--teacher", str(teacher), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--seeds", "0", "--methods", "whitebox_kd"])
+    assert bench.main() == 0
+    shape = {"in_channels": 1, "image_size": 28, "num_classes": 10, "classes": list("0123456789")}
+    meta = {"dataset": "fashion-mnist", **shape}
+    check_teacher_data(
+        config_from_dict(jobs[0]["spec"]), meta, SimpleNamespace(name=bench.EDGE, **shape)
+    )

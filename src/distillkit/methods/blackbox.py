@@ -3,9 +3,11 @@
 Both spend the budget once: `budget` edge images (the training split; the edge's own data) are
 chosen by `options.query_selection` (random, or kernel thinning on pixels), sent through the
 Teacher protocol, and the answers kept with the run (checkpointed, so resume never re-queries).
-Each step then trains on a batch drawn from that answered pool: KD at `temperature` on the
-returned probabilities (`blackbox_kd`), or cross-entropy on the returned labels (`blackbox_hard`).
-Without a budget every edge image is queried once.
+Each step then trains on a batch drawn from that answered pool: KD at `options.temperature` on
+the returned probabilities (`blackbox_kd`), or cross-entropy on the returned labels
+(`blackbox_hard`). Without a budget every edge image is queried once. The pool is bought on the
+first training step (after a resume has restored it, so a resumed run asks nothing again) and kept
+in the method's extra state with the count spent; the trainer's one optimizer owns the student.
 
 The teacher is either a remote server (`options.teacher_url`, key from the environment variable
 `options.api_key_env`) or the config's `teacher=` run wrapped as a local black box
@@ -13,13 +15,16 @@ The teacher is either a remote server (`options.teacher_url`, key from the envir
 
 The edge labels are never used in a loss. The logits returned to the trainer are the student's
 (eval-mode, no-grad) predictions on the trainer's edge batch, so `train_acc` is a monitor only.
+
+These methods run in one process (`check_single_process`): every rank would buy its own pool. The
+per-step draws are nevertheless made for the global batch, each process keeping its rows
+(`take_rows`), so ranks would never pick the same samples.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit.config import ConfigError
-from distillkit.data.transforms import normalize, to_float
+from distillkit.data.transforms import draw_size, normalize, take_rows, to_float
+from distillkit.errors import ConfigError
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import kd_kl
 from distillkit.methods.registry import register_method
 from distillkit.teachers.base import BudgetExceededError, TeacherOutput
 from distillkit.teachers.local import BlackBoxTeacher
-
-_EXTRA = "__blackbox__"  # key of the non-tensor state inside trainable_state_dict
 
 
 @dataclass
@@ -63,6 +66,19 @@ class BlackBoxOptions:
             raise ValueError(f"options.budget must be >= 1 or null, got {self.budget}")
         if self.request_batch < 1:
             raise ValueError(f"options.request_batch must be >= 1, got {self.request_batch}")
+
+
+@dataclass
+class BlackBoxKDOptions(BlackBoxOptions):
+    """Black-box options plus the KD temperature of `blackbox_kd`."""
+
+    temperature: float = 4.0  # KD temperature on the returned probabilities
+
+    def validate(self) -> None:
+        """Check the values."""
+        super().validate()
+        if self.temperature <= 0:
+            raise ValueError(f"options.temperature must be > 0, got {self.temperature}")
 
 
 def make_teacher(cfg: Any, options: BlackBoxOptions, teacher: nn.Module | None, bundle: Any) -> Any:
@@ -153,7 +169,7 @@ def choose_edge(images: torch.Tensor, size: int, method: str, seed: int) -> torc
 
 
 class BudgetedDistiller(Distiller):
-    """Shared machinery: counts every image sent, checkpoints extra state, monitors on edge data."""
+    """Shared machinery: counts every image sent, keeps it in extra state, monitors on edge data."""
 
     def __init__(
         self, student: nn.Module, teacher: Any, options: BlackBoxOptions, num_classes: int
@@ -167,13 +183,6 @@ class BudgetedDistiller(Distiller):
         self.options = options
         self.num_classes = num_classes
         self.spent = 0  # images sent to the teacher by this run, across resumes
-        # trainer's optimizer always gets a parameter; its grad is 0 when the student is idle
-        self.anchor = nn.Parameter(torch.zeros(()))
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """The student (and the anchor): generators and discriminators have their own optimizers."""
-        yield from self.student.parameters()
-        yield self.anchor
 
     def query(self, x: torch.Tensor) -> TeacherOutput:
         """Ask the teacher in request-sized chunks; every image counts against the budget."""
@@ -221,7 +230,7 @@ class BudgetedDistiller(Distiller):
         self.student.train(was)
         return logits
 
-    # -- checkpoint state ------------------------------------------------------------------------
+    # -- checkpoint state (the trainer saves it under "extra_state") -----------------------------
     def extra_state(self) -> dict[str, Any]:
         """Non-parameter state to checkpoint (subclasses extend)."""
         return {"spent": self.spent}
@@ -233,19 +242,6 @@ class BudgetedDistiller(Distiller):
             self.teacher.budget = max(0, self.options.budget - self.spent) + int(
                 getattr(self.teacher, "queries", 0)
             )
-
-    def trainable_state_dict(self) -> dict[str, Any]:
-        """Module state plus extra_state() under one key."""
-        state: dict[str, Any] = super().trainable_state_dict()
-        state[_EXTRA] = self.extra_state()
-        return state
-
-    def load_trainable_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of trainable_state_dict."""
-        state = dict(state)
-        extra = state.pop(_EXTRA, {})
-        self.load_extra_state(extra)
-        super().load_trainable_state_dict(state)
 
 
 class EdgePoolDistiller(BudgetedDistiller):
@@ -292,12 +288,18 @@ class EdgePoolDistiller(BudgetedDistiller):
         super().load_extra_state(state)
         self.pool_idx, self.pool_t = state.get("pool_idx"), state.get("pool_t")
 
+    def draw_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool rows for this step: drawn for the global batch, this process's rows kept."""
+        if self.pool_idx is None:
+            self.build_pool(x.device)
+        assert self.pool_idx is not None
+        return take_rows(torch.randint(len(self.pool_idx), (draw_size(x),)), x)
+
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss on a draw from the answered pool; logits on the edge batch for monitoring."""
         x, _, _ = batch
-        if self.pool_idx is None:
-            self.build_pool(x.device)
-        sel = torch.randint(len(self.pool_idx), (x.shape[0],))
+        sel = self.draw_pool(x)
+        assert self.pool_idx is not None and self.pool_t is not None
         xp = edge_batch(self.edge.images, self.pool_idx[sel], self.mean, self.std, x.device)
         target = self.pool_t[sel].to(x.device)
         logits = self.student(xp)
@@ -310,7 +312,7 @@ class EdgePoolDistiller(BudgetedDistiller):
 
 @register_method(
     "blackbox_kd",
-    options=BlackBoxOptions,
+    options=BlackBoxKDOptions,
     needs_teacher=False,
     description="KD on budget-limited soft answers (probabilities) for the edge's own images",
 )
@@ -322,7 +324,7 @@ def build_blackbox_kd(cfg, options, student, teacher, bundle) -> EdgePoolDistill
         raise ConfigError(
             "blackbox_kd needs soft answers; use blackbox_hard for a hard-label teacher"
         )
-    return EdgePoolDistiller(student, bb, options, bundle, cfg.temperature, cfg.seed)
+    return EdgePoolDistiller(student, bb, options, bundle, options.temperature, cfg.seed)
 
 
 @dataclass
@@ -342,14 +344,6 @@ def build_blackbox_hard(cfg, options, student, teacher, bundle) -> EdgePoolDisti
     """Registry builder for hard-label training (any teacher's answers reduced to labels)."""
     check_single_process("blackbox_hard")
     bb = make_teacher(cfg, options, teacher, bundle)
-    distiller = EdgePoolDistiller(student, bb, options, bundle, cfg.temperature, cfg.seed)
+    distiller = EdgePoolDistiller(student, bb, options, bundle, seed=cfg.seed)
     distiller.kind = "hard"
     return distiller
-
-
-def steps_per_epoch(cfg: Any, bundle: Any) -> int:
-    """The trainer's steps per epoch, estimated from the split size and the subset fraction."""
-    n = len(bundle.train)
-    if cfg.subset.method != "full" or cfg.subset.fraction < 1.0:
-        n = max(1, int(round(cfg.subset.fraction * n)))
-    return math.floor(n / cfg.batch_size) if cfg.drop_last else math.ceil(n / cfg.batch_size)

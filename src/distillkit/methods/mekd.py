@@ -43,15 +43,23 @@ images then add to the edge set instead of replacing it (digits, same config, ed
 `transfer_size`, every edge image is asked once (as blackbox_kd does without a budget) and the
 generated share of each batch is asked fresh.
 
-Optimisation: the generator and discriminator have their own Adam optimizers (lr 2e-4, betas
-(0.5, 0.999)), stepped inside `training_step` under `torch.enable_grad()` with autocast off; only
-the student's losses carry gradients back to the trainer, whose optimizer owns the student alone
-(`trainable_parameters`), so nothing is stepped twice. During the GAN phase the trainer receives
-the GAN losses detached plus ``0 * anchor``: the student's gradients stay None and SGD skips it.
-The generator, discriminator, their optimizers, the latents, answers and spent count are in the
-checkpoint, so `distillkit resume` continues either phase exactly; the exported `student` is the
-plain model. `options.generator=RUN_DIR` loads G and D from an earlier mekd run (then
-`gan_epochs=0` skips deprivatization).
+Optimisation is manual (`automatic_optimization = False`): the method configures three optimizers
+for the trainer, "student" (the run's `optimizer`/`lr`/`schedule`, built as the trainer's default
+would be, its schedule counted from the first distillation epoch so that warm-up and cosine span
+the epochs the student trains in), "generator" and "discriminator" (Adam, `gan_lr`, betas
+(`gan_beta1`, `gan_beta2`), constant). A GAN step backs the D loss and then the G loss through
+`manual_backward` (autocast off) and steps D, then G, through `optimizer_step`; a distillation step
+does the same for the student. The student's optimizer is simply not stepped in the GAN phase and
+the generator's not in distillation, so nothing is stepped twice or behind the trainer's back. The
+trainer checkpoints all three optimizers and their schedules; the latents, answers, GAN step and
+spent count are the method's extra state, so `distillkit resume` continues either phase exactly;
+the exported `student` is the plain model. `options.generator=RUN_DIR` loads G and D from an
+earlier mekd run (then `gan_epochs=0` skips deprivatization).
+
+With `amp=fp16` the loss scaler allows one step of each optimizer per batch, so
+`gan_steps_per_batch` must be 1 there (bf16 needs no scaler). MEKD runs in one process (every rank
+would buy its own transfer set); its per-step draws are still made for the global batch with each
+process keeping its rows (`take_rows`).
 """
 
 from __future__ import annotations
@@ -59,15 +67,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit.config import ConfigError
-from distillkit.data.transforms import normalize
-from distillkit.methods.base import Batch
+from distillkit.data.transforms import draw_size, normalize, take_rows
+from distillkit.errors import ConfigError
+from distillkit.methods.base import Batch, OptimizerConfig, SetupContext
 from distillkit.methods.blackbox import (
     BlackBoxOptions,
     BudgetedDistiller,
@@ -76,125 +86,19 @@ from distillkit.methods.blackbox import (
     edge_batch,
     make_teacher,
     select_queries,
-    steps_per_epoch,
 )
+from distillkit.methods.mekd_gan import (
+    Discriminator,
+    Generator,
+    class_balance_weights,
+    distill_loss,
+    im_term,
+    im_weights,
+    teacher_vector,
+)
+from distillkit.methods.optim import build_optimizer, lr_factor
 from distillkit.methods.registry import register_method
-from distillkit.teachers.base import BudgetExceededError, TeacherOutput
-
-
-class Generator(nn.Module):
-    """DCGAN-style: Linear -> BN -> (Upsample, Conv3x3, BN, LeakyReLU 0.2) x2 -> Conv -> Tanh."""
-
-    def __init__(self, latent_dim: int, out_channels: int, image_size: int, width: int = 128):
-        super().__init__()
-        self.latent_dim, self.image_size = latent_dim, image_size
-        self.s0 = max(1, math.ceil(image_size / 4))
-        self.width = width
-        self.fc = nn.Linear(latent_dim, width * self.s0 * self.s0)
-        self.bn0 = nn.BatchNorm2d(width)
-        self.body = nn.Sequential(
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.LeakyReLU(0.2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(width, width // 2, 3, padding=1),
-            nn.BatchNorm2d(width // 2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width // 2, out_channels, 3, padding=1),
-            nn.Tanh(),
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] of shape (B, C, image_size, image_size)."""
-        h = self.bn0(self.fc(z).view(z.shape[0], self.width, self.s0, self.s0))
-        out = self.body(h)
-        if out.shape[-1] != self.image_size:
-            out = F.interpolate(out, size=(self.image_size, self.image_size), mode="bilinear")
-        return out
-
-
-class Discriminator(nn.Module):
-    """Four stride-2 conv blocks with LeakyReLU 0.2 and a linear real/fake logit.
-
-    No batch norm: real and fake batches pass separately, and on small images the last blocks are
-    1x1, where per-batch normalisation erases the very statistics that tell real from fake.
-    `minibatch_std` appends the batch's mean feature standard deviation to the features (as in
-    progressive GANs): a generator that collapses onto a few modes yields a batch with a low
-    spread that the discriminator can see and punish.
-    """
-
-    def __init__(
-        self, in_channels: int, image_size: int, width: int = 128, minibatch_std: bool = False
-    ):
-        super().__init__()
-        chans = [in_channels, width // 8, width // 4, width // 2, width]
-        layers: list[nn.Module] = []
-        for i in range(4):
-            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
-            layers.append(nn.LeakyReLU(0.2))
-        self.body = nn.Sequential(*layers)
-        with torch.no_grad():
-            n = self.body(torch.zeros(2, in_channels, image_size, image_size)).flatten(1).shape[1]
-        self.minibatch_std = minibatch_std
-        self.head = nn.Linear(n + int(minibatch_std), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One logit per image, shape (B,)."""
-        h = self.body(x).flatten(1)
-        if self.minibatch_std:
-            spread = h.std(dim=0, unbiased=False).mean() if h.shape[0] > 1 else h.new_zeros(())
-            h = torch.cat([h, spread.expand(h.shape[0], 1)], dim=1)
-        return self.head(h).squeeze(1)
-
-
-def im_weights(out: TeacherOutput) -> torch.Tensor:
-    """Per-image IM weight: the teacher's top probability (1 for hard labels)."""
-    if out.probs is not None:
-        return out.probs.float().max(dim=1).values
-    if out.logits is not None:
-        return torch.softmax(out.logits.float(), dim=1).max(dim=1).values
-    if out.labels is None:
-        raise ValueError("empty TeacherOutput")
-    return torch.ones(out.labels.shape[0], device=out.labels.device)
-
-
-def im_term(d_fake_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Information-maximisation term: -mean(w * log D(G(z))), w the teacher's top probability."""
-    return -(weights.detach().to(d_fake_logits.dtype) * F.logsigmoid(d_fake_logits)).mean()
-
-
-def teacher_vector(out: TeacherOutput, num_classes: int) -> torch.Tensor:
-    """What replaces the teacher's logits: log-probabilities (soft) or the one-hot label (hard)."""
-    if out.labels is not None and out.probs is None and out.logits is None:
-        return F.one_hot(out.labels.long(), num_classes).float()
-    return out.log_probs().float()
-
-
-def class_balance_weights(labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample weights 1 / count(label): every present class gets the same total weight."""
-    counts = torch.bincount(labels)
-    return 1.0 / counts[labels].double()
-
-
-def distill_loss(
-    generator: nn.Module,
-    s: torch.Tensor,
-    t: torch.Tensor,
-    tau: float,
-    tau_g: float,
-    beta: float,
-    align: str = "l1",
-) -> dict[str, torch.Tensor]:
-    """MEKD's distillation terms: align(G(s/tau_g), G(t/tau_g)) and beta * KL at tau."""
-    with torch.no_grad():
-        target = generator(t / tau_g)
-    recon = generator(s.float() / tau_g)
-    dist = F.l1_loss(recon, target) if align == "l1" else F.mse_loss(recon, target)
-    log_p_s = F.log_softmax(s.float() / tau, dim=1)
-    p_t = F.softmax(t / tau, dim=1)
-    kl = F.kl_div(log_p_s, p_t, reduction="batchmean")
-    return {"align": dist, "kl": beta * kl}
+from distillkit.teachers.base import BudgetExceededError
 
 
 @dataclass
@@ -255,8 +159,54 @@ class MEKDOptions(BlackBoxOptions):
             raise ValueError(f"options.kt_oversample must be >= 1, got {self.kt_oversample}")
 
 
+def student_lr_factor(cfg: Any, step: int, steps_per_epoch: int, gan_epochs: int) -> float:
+    """The student's schedule factor, counted from the first distillation step.
+
+    The student idles through the GAN epochs, so its warm-up, cosine or step milestones span the
+    `epochs - gan_epochs` epochs it trains in; during the GAN phase the factor is that of the first
+    distillation step (reported as `lr`, never used).
+    """
+    start = gan_epochs * steps_per_epoch
+    return lr_factor(cfg, max(0, step - start), steps_per_epoch, cfg.epochs - gan_epochs)
+
+
+# the numpy pieces a run checkpoint holds (RNG state, subset indices): plain numeric arrays only
+_RECONSTRUCT = np._core.multiarray._reconstruct  # type: ignore[attr-defined]
+_NUMERIC = (np.bool_, np.int32, np.int64, np.uint8, np.uint32, np.float32, np.float64)
+_NUMPY_GLOBALS: list[Any] = [
+    _RECONSTRUCT,
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),  # files written under numpy 1.x
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(t)) for t in _NUMERIC),
+]
+
+
+def read_run_weights(run_dir: str) -> dict[str, Any]:
+    """The trained module weights ("distiller") in a run's last checkpoint, read as data only."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"options.generator: no checkpoint at {path}")
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects would run their code
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise ConfigError(
+            f"options.generator: cannot read {path} ({type(exc).__name__}); is it a distillkit run?"
+        ) from None
+    weights = state.get("distiller") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ConfigError(f"options.generator: {path} is not a distillkit run checkpoint")
+    return weights
+
+
 class MEKD(BudgetedDistiller):
     """Deprivatization (GAN + IM) then distillation through the frozen generator."""
+
+    automatic_optimization = False
 
     def __init__(
         self,
@@ -264,7 +214,6 @@ class MEKD(BudgetedDistiller):
         teacher: Any,
         options: MEKDOptions,
         bundle: Any,
-        steps_per_epoch: int,
         batch_size: int,
         seed: int = 0,
     ):
@@ -278,21 +227,12 @@ class MEKD(BudgetedDistiller):
         self.discriminator = Discriminator(
             bundle.in_channels, bundle.image_size, options.gen_width, options.minibatch_std
         )
-        betas = (options.gan_beta1, options.gan_beta2)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=options.gan_lr, betas=betas)
-        self.opt_d = torch.optim.Adam(
-            self.discriminator.parameters(), lr=options.gan_lr, betas=betas
-        )
         self.phase = "gan" if options.gan_epochs > 0 else "distill"
         self.im_batch = options.im_batch or batch_size
-        # spread the deprivatization queries evenly over its steps
-        total_steps = max(1, options.gan_epochs * steps_per_epoch * options.gan_steps_per_batch)
-        if options.budget is None:
-            self.gan_queries, self.im_every = None, 1
-        else:
-            self.gan_queries = int(options.budget * options.gan_query_fraction)
-            planned = self.gan_queries // self.im_batch
-            self.im_every = math.ceil(total_steps / planned) if planned > 0 else 0
+        self.gan_queries = (
+            None if options.budget is None else int(options.budget * options.gan_query_fraction)
+        )
+        self.im_every = 1  # GAN updates between IM queries; setup() spreads the budget
         self.gan_step = 0
         self.gan_spent = 0
         self.pool_z: torch.Tensor | None = None
@@ -300,6 +240,43 @@ class MEKD(BudgetedDistiller):
         self.edge = bundle.train
         self.edge_idx: torch.Tensor | None = None
         self.edge_t: torch.Tensor | None = None
+
+    # -- contract: setup and optimizers --------------------------------------------------------
+    def setup(self, ctx: SetupContext) -> None:
+        """Spread the deprivatization queries evenly over the run's GAN updates."""
+        super().setup(ctx)
+        o = self.options
+        total_steps = max(1, o.gan_epochs * ctx.steps_per_epoch * o.gan_steps_per_batch)
+        if self.gan_queries is not None:
+            planned = self.gan_queries // self.im_batch
+            self.im_every = math.ceil(total_steps / planned) if planned > 0 else 0
+
+    def configure_optimizers(self) -> list[OptimizerConfig]:
+        """The student's (the run's optimizer, schedule from distillation start), G's and D's Adam."""
+        if self.context is None:
+            raise RuntimeError("MEKD.configure_optimizers needs setup(ctx) first")
+        cfg, spe, o = self.context.cfg, self.context.steps_per_epoch, self.options
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        betas = (o.gan_beta1, o.gan_beta2)
+        return [
+            OptimizerConfig(
+                build_optimizer(cfg, params),
+                lr_lambda=lambda step: student_lr_factor(cfg, step, spe, o.gan_epochs),
+                grad_clip=cfg.grad_clip,
+                name="student",
+            ),
+            OptimizerConfig(
+                torch.optim.Adam(self.generator.parameters(), lr=o.gan_lr, betas=betas),
+                name="generator",
+            ),
+            OptimizerConfig(
+                torch.optim.Adam(self.discriminator.parameters(), lr=o.gan_lr, betas=betas),
+                name="discriminator",
+            ),
+        ]
+
+    def _opt(self, name: str) -> OptimizerConfig:
+        return next(o for o in self.optimizers() if o.name == name)
 
     # -- helpers -----------------------------------------------------------------------------------
     def generate(self, z: torch.Tensor) -> torch.Tensor:
@@ -312,9 +289,7 @@ class MEKD(BudgetedDistiller):
 
     def load_generator(self, run_dir: str) -> None:
         """Take G and D from an earlier mekd run's last checkpoint."""
-        from distillkit.engine.checkpoint import load_checkpoint
-
-        state = load_checkpoint(run_dir, which="last")["distiller"]
+        state = read_run_weights(run_dir)
         for prefix, module in (
             ("generator.", self.generator),
             ("discriminator.", self.discriminator),
@@ -325,43 +300,46 @@ class MEKD(BudgetedDistiller):
             try:
                 module.load_state_dict(part)
             except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0]
                 raise ConfigError(
                     f"the {prefix[:-1]} in {run_dir} does not match this run "
-                    f"(gen_width, image size, classes): {exc}"
+                    f"(gen_width, image size, classes): {first}"
                 ) from None
 
     # -- deprivatization ---------------------------------------------------------------------------
+    def gan_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Generator noise for the edge batch x: drawn for the global batch, this rank's rows kept."""
+        return take_rows(torch.randn(draw_size(x), self.num_classes, device=x.device), x)
+
     def gan_step_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One discriminator step and one generator step on an edge batch; losses detached."""
-        b = x.shape[0]
+        opt_d, opt_g = self._opt("discriminator"), self._opt("generator")
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             x = x.float()
             self.generator.train()
             self.discriminator.train()
-            fake = self.generate(torch.randn(b, self.num_classes, device=x.device))
+            fake = self.generate(self.gan_latents(x))
             d_real, d_fake = self.discriminator(x), self.discriminator(fake.detach())
             loss_d = F.binary_cross_entropy_with_logits(
                 d_real, torch.ones_like(d_real)
             ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
-            self.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            self.opt_d.step()
+            self.manual_backward(loss_d)
+            self.optimizer_step(opt_d)
 
             d_fake = self.discriminator(fake)
             adv = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
             im = torch.zeros((), device=x.device)
             if self._query_this_step():
-                k = min(self.im_batch, b)
+                k = min(self.im_batch, x.shape[0])
                 with torch.no_grad():
                     out = self.query(fake[:k].detach())
                 self.gan_spent += k
                 im = im_term(d_fake[:k], im_weights(out).to(x.device))
             loss_g = adv + self.options.im_weight * im
-            self.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            self.opt_g.step()
-            # the G step also left gradients on D; drop them so nothing leaks into the next step
-            self.opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(loss_g)
+            self.optimizer_step(opt_g)
+            # the G loss also reached D's parameters: those gradients belong to no step
+            opt_d.optimizer.zero_grad(set_to_none=True)
         self.gan_step += 1
         return {
             "gan_d": loss_d.detach(),
@@ -444,49 +422,70 @@ class MEKD(BudgetedDistiller):
             return torch.randint(len(self.pool_t), (b,))
         return torch.multinomial(class_balance_weights(self.pool_t.argmax(1)), b, replacement=True)
 
-    def distill_losses(self, b: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """MEKD's distillation loss on b images: generated, plus answered edge images by edge_share."""
+    def distill_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and teacher vectors to distil on for the edge batch x (its size, its rows).
+
+        The batch is planned for the global batch (edge rows first, then generated ones) and this
+        process keeps its rows, so ranks never draw the same samples.
+        """
+        device = x.device
         self.freeze_generator()
         fresh = self.fresh_queries
         if self.pool_z is None and self.edge_idx is None:
             self.build_transfer_set(device)
+        n = draw_size(x)
+        rows = take_rows(torch.arange(n), x)
         parts_x, parts_t = [], []
-        b_edge = 0
+        n_edge = 0
         if self.edge_idx is not None:
             generated = fresh or self.pool_t is not None
-            b_edge = round(self.options.edge_share * b) if generated else b
-            sel = torch.randint(len(self.edge_idx), (b_edge,))
+            n_edge = round(self.options.edge_share * n) if generated else n
+            sel = torch.randint(len(self.edge_idx), (n_edge,))[rows[rows < n_edge]]
             parts_x.append(
                 edge_batch(self.edge.images, self.edge_idx[sel], self.mean, self.std, device)
             )
+            assert self.edge_t is not None
             parts_t.append(self.edge_t[sel].to(device))
-        if b - b_edge > 0:
+        mine = rows[rows >= n_edge] - n_edge
+        if n - n_edge > 0:
             with torch.no_grad():
                 if fresh:
-                    xg = self.generate(torch.randn(b - b_edge, self.num_classes, device=device))
-                    parts_t.append(teacher_vector(self.query(xg), self.num_classes).to(device))
+                    z = torch.randn(n - n_edge, self.num_classes, device=device)[mine.to(device)]
+                    if len(mine):
+                        xg = self.generate(z)
+                        parts_t.append(teacher_vector(self.query(xg), self.num_classes).to(device))
+                        parts_x.append(xg)
                 else:
-                    sel = self.sample_pool(b - b_edge)
-                    xg = self.generate(self.pool_z[sel].to(device))
-                    parts_t.append(self.pool_t[sel].to(device))
-            parts_x.append(xg)
-        xg, t = torch.cat(parts_x), torch.cat(parts_t)
+                    assert self.pool_z is not None and self.pool_t is not None
+                    sel = self.sample_pool(n - n_edge)[mine]
+                    if len(mine):
+                        parts_x.append(self.generate(self.pool_z[sel].to(device)))
+                        parts_t.append(self.pool_t[sel].to(device))
+        return torch.cat(parts_x), torch.cat(parts_t)
+
+    def distill_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MEKD's distillation loss on a batch the size of x: generated and answered edge images."""
+        xg, t = self.distill_batch(x)
         s = self.student(xg)
         o = self.options
         return distill_loss(self.generator, s, t, o.tau, o.tau_g, o.beta, o.align)
 
     # -- Distiller contract ------------------------------------------------------------------------
-    def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """GAN step or distillation step by phase; logits are monitoring predictions on the edge batch."""
+    def training_step(self, batch: Batch) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """A GAN step (no student logits) or a distillation step, optimizers stepped here.
+
+        The logits of a distillation step are monitoring predictions on the edge batch.
+        """
         x, _, _ = batch
         if self.phase == "gan":
             k = self.options.gan_steps_per_batch
             steps = [self.gan_step_losses(x) for _ in range(k)]
-            losses = {name: sum(s[name] for s in steps) / k for name in steps[0]}
-            losses["anchor"] = 0.0 * self.anchor
-        else:
-            losses = self.distill_losses(x.shape[0], x.device)
-        return self.monitor_logits(x), losses
+            return None, {name: sum(s[name] for s in steps) / k for name in steps[0]}
+        losses = self.distill_losses(x)
+        logits = self.monitor_logits(x)
+        self.manual_backward(sum(losses.values()))
+        self.optimizer_step(self._opt("student"))
+        return logits, {name: v.detach() for name, v in losses.items()}
 
     def train(self, mode: bool = True) -> MEKD:
         """Student follows `mode`; the generator stays frozen (eval) once distillation started."""
@@ -496,13 +495,11 @@ class MEKD(BudgetedDistiller):
         return self
 
     def extra_state(self) -> dict[str, Any]:
-        """Spent counts, GAN optimizers and the transfer set."""
+        """Spent counts, the GAN step and the transfer set (the trainer saves the optimizers)."""
         return {
             **super().extra_state(),
             "gan_step": self.gan_step,
             "gan_spent": self.gan_spent,
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
             "pool_z": self.pool_z,
             "pool_t": self.pool_t,
             "edge_idx": self.edge_idx,
@@ -514,9 +511,6 @@ class MEKD(BudgetedDistiller):
         super().load_extra_state(state)
         self.gan_step = int(state.get("gan_step", 0))
         self.gan_spent = int(state.get("gan_spent", 0))
-        if "opt_g" in state:
-            self.opt_g.load_state_dict(state["opt_g"])
-            self.opt_d.load_state_dict(state["opt_d"])
         self.pool_z, self.pool_t = state.get("pool_z"), state.get("pool_t")
         self.edge_idx, self.edge_t = state.get("edge_idx"), state.get("edge_t")
 
@@ -535,9 +529,13 @@ def build(cfg, options, student, teacher, bundle) -> MEKD:
             f"options.gan_epochs ({options.gan_epochs}) must be < epochs ({cfg.epochs}): "
             "the remaining epochs distil the student"
         )
+    if cfg.amp == "fp16" and options.gan_steps_per_batch > 1:
+        raise ConfigError(
+            "options.gan_steps_per_batch > 1 needs amp=none or amp=bf16: the fp16 loss scaler "
+            "steps each optimizer once per batch"
+        )
     bb = make_teacher(cfg, options, teacher, bundle)
-    spe = steps_per_epoch(cfg, bundle)
-    distiller = MEKD(student, bb, options, bundle, spe, cfg.batch_size, cfg.seed)
+    distiller = MEKD(student, bb, options, bundle, cfg.batch_size, cfg.seed)
     if options.generator:
         distiller.load_generator(options.generator)
     return distiller
@@ -548,8 +546,11 @@ __all__ = [
     "Discriminator",
     "Generator",
     "MEKDOptions",
+    "class_balance_weights",
     "distill_loss",
     "im_term",
     "im_weights",
+    "read_run_weights",
+    "student_lr_factor",
     "teacher_vector",
 ]
