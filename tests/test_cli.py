@@ -129,7 +129,7 @@ def test_distill_fitnet(tmp_path, teacher_run, n_train):
             "method=fitnet",
             "model=mlp",
             "epochs=1",
-            "hint_weight=1.0",
+            "options.hint_weight=1.0",
             f"teacher={teacher_run}",
             f"out_dir={out}",
             "--quiet",

@@ -11,13 +11,22 @@ import yaml
 from distillkit.config import (
     ConfigError,
     RunConfig,
+    build_dataclass,
     config_from_dict,
     load_config,
     parse_overrides,
-    resolve_options,
     save_config,
 )
 from distillkit.methods import registry
+from distillkit.runner import check_config, resolve_options
+
+
+def checked(path, overrides=None):
+    """load_config plus the runner's checks of names and method options."""
+    cfg = load_config(path, overrides)
+    check_config(cfg)
+    return cfg
+
 
 SSL_METHODS = {"dino", "mokd"}  # self-supervised configs have their own schema (ssl_train.py)
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.y*ml"))
@@ -118,12 +127,14 @@ def test_override_value_with_equals_sign():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path, tmp_path):
-    if yaml.safe_load(path.read_text()).get("method") in SSL_METHODS:
+    method = yaml.safe_load(path.read_text()).get("method")
+    if method in SSL_METHODS and method not in registry.list_methods():
         from distillkit.ssl_train import load_ssl_config
 
         cfg = load_ssl_config(path)
     else:
-        cfg = load_config(path, [f"teacher={tmp_path / 'teacher_run'}"])
+        # the method's options are checked too, not only the run-level keys
+        cfg = checked(path, [f"teacher={tmp_path / 'teacher_run'}"])
     assert cfg.name == path.stem
     assert cfg.epochs > 0
 
@@ -141,7 +152,7 @@ def test_configs_folder_is_not_empty():
         ("epoch=3", "epoch", "epochs"),
         ("learning_rat=0.1", "learning_rat", None),
         ("subset.fractoin=0.5", "subset.fractoin", "subset.fraction"),
-        ("temprature=2", "temprature", "temperature"),
+        ("teacher_cahce=true", "teacher_cahce", "teacher_cache"),
     ],
 )
 def test_unknown_key_names_it(override, key, suggestion):
@@ -188,7 +199,6 @@ def test_wrong_type_names_the_key(override, key):
         ("epochs=0", "epochs"),
         ("lr=-0.1", "lr"),
         ("batch_size=0", "batch_size"),
-        ("temperature=0", "temperature"),
         ("subset.fraction=0", "subset.fraction"),
         ("subset.fraction=1.5", "subset.fraction"),
         ("save_every=0", "save_every"),
@@ -203,45 +213,99 @@ def test_bad_values_name_the_key(override, key):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "key", ["temperature", "alpha", "hint_layer", "teacher_hint_layer", "hint_weight"]
+)
+def test_method_keys_moved_into_options(key, tmp_path):
+    with pytest.raises(ConfigError, match=f"^config key '{key}' moved to 'options.{key}'$"):
+        load_config(None, ["method=kd", "teacher=runs/t", f"{key}=1"])
+    with pytest.raises(ConfigError, match=f"config key '{key}' moved to 'options.{key}'"):
+        load_config(_yaml(tmp_path, f"method: fitnet\n{key}: 2\n"))
+
+
+def test_build_dataclass_is_public():
+    @dataclass
+    class Opts:
+        depth: int = 1
+        width: float = 2.0
+
+    assert build_dataclass(Opts, {"depth": 3, "width": 1}, prefix="options.") == Opts(3, 1.0)
+    with pytest.raises(ConfigError, match="unknown config key 'options.dpeth'.*'options.depth'"):
+        build_dataclass(Opts, {"dpeth": 3}, prefix="options.")
+
+
+def test_config_alone_does_not_check_names():
+    # config.py knows nothing of models, datasets or methods: the runner checks those
+    cfg = load_config(None, ["model=resnet2000", "dataset=mnist3d", "method=dkd2"])
+    assert (cfg.model, cfg.dataset, cfg.method) == ("resnet2000", "mnist3d", "dkd2")
+
+
 def test_unknown_model_names_it():
     with pytest.raises(ConfigError, match="'resnet2000'") as info:
-        load_config(None, ["model=resnet2000"])
+        checked(None, ["model=resnet2000"])
     assert "model" in str(info.value)
 
 
 def test_unknown_model_suggests_close_name():
     with pytest.raises(ConfigError, match="did you mean 'cnn_small'"):
-        load_config(None, ["model=cnn_smal"])
+        checked(None, ["model=cnn_smal"])
 
 
 def test_unknown_dataset_names_it():
     with pytest.raises(ConfigError, match="unknown dataset 'mnist3d'") as info:
-        load_config(None, ["dataset=mnist3d"])
+        checked(None, ["dataset=mnist3d"])
     assert "digits" in str(info.value)  # lists the valid ones
 
 
 def test_unknown_method_names_it():
     with pytest.raises(ConfigError, match="unknown method 'dkd2'") as info:
-        load_config(None, ["method=dkd2"])
+        checked(None, ["method=dkd2"])
     assert "kd" in str(info.value) and "ce" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "model", ["nets/my_net.py:Net", "/abs/nets.py:Net", "mypackage.nets:make_net"]
+)
+def test_models_and_datasets_by_import_path_pass_the_checks(model):
+    cfg = checked(None, [f"model={model}", "dataset=data/make.py:make_data"])
+    assert cfg.model == model
 
 
 @pytest.mark.parametrize("method", ["kd", "fitnet"])
 def test_method_without_teacher(method):
     with pytest.raises(ConfigError, match=f"method '{method}' needs a teacher"):
-        load_config(None, [f"method={method}"])
-    assert load_config(None, [f"method={method}", "teacher=runs/t"]).teacher == "runs/t"
+        checked(None, [f"method={method}"])
+    assert checked(None, [f"method={method}", "teacher=runs/t"]).teacher == "runs/t"
 
 
+@pytest.mark.parametrize("method", ["kd", "stablekd"])
 @pytest.mark.parametrize("alpha", [-0.1, 1.01, 2])
-def test_alpha_out_of_range(alpha):
-    with pytest.raises(ConfigError, match="'alpha'"):
-        load_config(None, [f"alpha={alpha}"])
+def test_alpha_out_of_range(method, alpha):
+    with pytest.raises(ConfigError, match="config key 'options.alpha'"):
+        checked(None, [f"method={method}", "teacher=runs/t", f"options.alpha={alpha}"])
 
 
 @pytest.mark.parametrize("alpha", [0, 0.0, 0.5, 1])
 def test_alpha_in_range(alpha):
-    assert load_config(None, [f"alpha={alpha}"]).alpha == float(alpha)
+    cfg = checked(None, ["method=kd", "teacher=runs/t", f"options.alpha={alpha}"])
+    assert resolve_options(cfg).alpha == float(alpha)
+
+
+@pytest.mark.parametrize("method", ["kd", "kd_da", "stablekd"])
+def test_temperature_must_be_positive(method):
+    with pytest.raises(ConfigError, match="config key 'options.temperature': must be > 0"):
+        checked(None, [f"method={method}", "teacher=runs/t", "options.temperature=0"])
+
+
+def test_method_options_have_the_old_defaults():
+    for method in ("kd", "stablekd", "kd_da"):
+        opts = resolve_options(checked(None, [f"method={method}", "teacher=runs/t"]))
+        assert opts.temperature == 4.0
+    assert resolve_options(checked(None, ["method=kd", "teacher=t"])).alpha == 0.1
+    fit = resolve_options(checked(None, ["method=fitnet", "teacher=t", "options.hint_layer=l2"]))
+    assert (fit.hint_layer, fit.teacher_hint_layer, fit.hint_weight) == ("l2", None, 100.0)
+    with pytest.raises(ConfigError, match="config key 'options.hint_weight'"):
+        checked(None, ["method=fitnet", "teacher=t", "options.hint_weight=-1"])
 
 
 def test_subset_teacher_features_need_teacher():
@@ -249,10 +313,18 @@ def test_subset_teacher_features_need_teacher():
         load_config(None, ["subset.method=kt", "subset.features=teacher"])
 
 
-@pytest.mark.parametrize("method", ["ce", "kd"])
-def test_options_rejected_for_methods_without_options(method):
-    with pytest.raises(ConfigError, match=f"method '{method}' takes no options.*'beta'"):
-        load_config(None, [f"method={method}", "teacher=runs/t", "options.beta=2"])
+def test_options_rejected_for_methods_without_options():
+    with pytest.raises(ConfigError, match="method 'ce' takes no options.*'beta'"):
+        checked(None, ["method=ce", "options.beta=2"])
+
+
+def test_teacher_cache_only_for_methods_that_can_use_it():
+    ok = ["teacher=runs/t", "teacher_cache=true", "augment=false"]
+    assert checked(None, ["method=kd", *ok]).teacher_cache
+    with pytest.raises(ConfigError, match="teacher_cache.*'fitnet'"):
+        checked(None, ["method=fitnet", *ok])
+    with pytest.raises(ConfigError, match="teacher_cache needs augment=false"):
+        checked(None, ["method=kd", "teacher=runs/t", "teacher_cache=true"])
 
 
 @dataclass
@@ -286,11 +358,11 @@ def test_options_typed_for_methods_with_options(method_with_options):
 def test_options_errors_name_the_key(method_with_options):
     m = method_with_options
     with pytest.raises(ConfigError, match="unknown config key 'options.beat'.*'options.beta'"):
-        load_config(None, [f"method={m}", "options.beat=2"])
+        checked(None, [f"method={m}", "options.beat=2"])
     with pytest.raises(ConfigError, match="config key 'options.steps'"):
-        load_config(None, [f"method={m}", "options.steps=many"])
+        checked(None, [f"method={m}", "options.steps=many"])
     with pytest.raises(ConfigError, match="options.beta must be >= 0"):
-        load_config(None, [f"method={m}", "options.beta=-1"])
+        checked(None, [f"method={m}", "options.beta=-1"])
 
 
 @pytest.mark.parametrize("item", ["epochs", "lr0.1", ""])
@@ -332,3 +404,64 @@ def test_config_from_dict_rejects_non_mapping():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+# --------------------------------------------------------------------------- import paths in runs
+
+NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_channels, num_classes, image_size):
+        super().__init__()
+        self.classifier = nn.Linear(in_channels * image_size * image_size, num_classes)
+
+    def forward(self, x):
+        return self.classifier(x.flatten(1))
+"""
+
+DATA = """
+import numpy as np
+
+
+def make_data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (48, 1, 4, 4), dtype=np.uint8)
+    y = np.arange(48) % 2
+    return {"x_train": x[:32], "y_train": y[:32], "x_test": x[32:], "y_test": y[32:]}
+"""
+
+
+def test_run_records_model_and_dataset_import_paths_as_absolute(tmp_path, monkeypatch):
+    from distillkit.runner import evaluate_checkpoint, resume, run
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "nets.py").write_text(NET)
+    (code / "data.py").write_text(DATA)
+    monkeypatch.chdir(tmp_path)
+    overrides = ["model=code/nets.py:Net", "dataset=code/data.py:make_data", "epochs=1"]
+    run(load_config(None, [*overrides, "batch_size=16", "out_dir=out", "quiet=true", "device=cpu"]))
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["model"] == f"{code / 'nets.py'}:Net"
+    assert saved["dataset"] == f"{code / 'data.py'}:make_data"
+    # from another folder the run still evaluates and resumes
+    monkeypatch.chdir(code)
+    assert evaluate_checkpoint(tmp_path / "out")["model"] == saved["model"]
+    assert resume(tmp_path / "out", {"epochs": 2})["epochs"] == 2
+
+
+def test_model_file_that_cannot_be_built_is_a_config_error(tmp_path, monkeypatch):
+    from distillkit.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(NET)
+    base = ["epochs=1", "out_dir=out", "quiet=true", "device=cpu"]
+    with pytest.raises(
+        ConfigError, match=r"^config key 'model': model file not found: .*missing\.py$"
+    ):
+        run(load_config(None, [*base, "model=missing.py:Net"]))
+    with pytest.raises(ConfigError, match=r"^config key 'model_kwargs': .*no argument 'depth'"):
+        run(load_config(None, [*base, "model=nets.py:Net", "model_kwargs={depth: 2}"]))
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from distillkit.config import load_config
@@ -32,6 +33,34 @@ AUGMENTED = [
 # BatchNorm normalises with batch statistics: sync_bn=true makes them global-batch statistics.
 # All 1347 digits: the last batch of 3 splits 2 + 1, so the loss weighting of uneven shards counts.
 SYNC_BN = ["model=cnn_small", "epochs=1", "batch_size=64", "lr=0.05", "seed=2", "--quiet"]
+# KD from a cnn_small teacher (eval mode) to an mlp student, with augmentation on: the teacher is
+# asked on each rank's rows only, and its answers must add up to the single-process run's
+KD = [
+    "method=kd",
+    "model=mlp",
+    "epochs=1",
+    "batch_size=64",
+    "augment=true",
+    "options.temperature=3",
+    "options.alpha=0.2",
+    "lr=0.05",
+    "seed=4",
+    "--quiet",
+]
+# StableKD leaves the connectors of other stages idle (out_connector=always gives them weights):
+# DDP must be told to look for unused parameters, the method adds no zero losses for them
+STABLEKD = [
+    "method=stablekd",
+    "model=cnn_small",
+    "epochs=2",
+    "batch_size=64",
+    "subset.method=random",
+    "subset.fraction=0.3",
+    "options.blocks_per_stage=[2, 1]",
+    "options.stage_epochs=[1, 1]",
+    "options.out_connector=always",
+    "--quiet",
+]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -76,6 +105,35 @@ def test_two_process_sync_bn_matches_single_process(tmp_path):
     for ra, rb in zip(rows_a, rows_b):
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-4
         assert abs(ra["test_acc"] - rb["test_acc"]) < 0.5
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    args = ["model=cnn_small", "epochs=1", "augment=false", "subset.method=random"]
+    run(load_config(None, [*args, "subset.fraction=0.3", "quiet=true", f"out_dir={out}"]))
+    return out
+
+
+def test_two_process_kd_matches_single_process(tmp_path, teacher_dir):
+    a, b, rows_a, rows_b = _single_and_ddp(tmp_path, [*KD, f"teacher={teacher_dir}"])
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-5, rtol=1e-4)
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert abs(ra["loss_kd"] - rb["loss_kd"]) < 1e-4
+        assert abs(ra["loss_ce"] - rb["loss_ce"]) < 1e-4
+        assert ra["teacher_queries"] == rb["teacher_queries"]
+
+
+def test_two_process_stablekd_trains_every_stage(tmp_path, teacher_dir):
+    out = tmp_path / "ddp"
+    proc = torchrun("distill", *STABLEKD, f"teacher={teacher_dir}", f"out_dir={out}")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "terminate called" not in proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    rows = read_rows(out)
+    assert "loss_s1_b0_feat" in rows[0]
+    assert {k for k in rows[1] if k.startswith("loss_")} == {"loss_s2_b0-1_kd", "loss_s2_b0-1_ce"}
 
 
 def test_ddp_rejects_batch_not_divisible_by_world_size(tmp_path):

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from distillkit.config import ConfigError, RunConfig, config_from_dict, resolve_options
+from distillkit.config import ConfigError, RunConfig, config_from_dict
 from distillkit.data.augment import CutMixPick, build_augmentation, mixup_batch, student_scorer
 from distillkit.data.datasets import DataBundle, Split
 from distillkit.methods import get_method
 from distillkit.methods.kd import KD
 from distillkit.methods.kd_da import KDDA, KDDAOptions
+from distillkit.runner import check_config, resolve_options
 from distillkit.teachers import BlackBoxTeacher, LocalTeacher
 
 C = 5
@@ -181,27 +182,52 @@ def _bundle() -> DataBundle:
 
 def test_options_defaults_builder_and_validation():
     opts = KDDAOptions()
-    assert (opts.w_ce, opts.w_kd, opts.temperature) == (0.1, 0.9, None)
+    assert (opts.w_ce, opts.w_kd, opts.temperature) == (0.1, 0.9, 4.0)
     spec = get_method("kd_da")
     assert spec.options_cls is KDDAOptions and spec.needs_teacher
-    cfg = RunConfig(
-        method="kd_da", temperature=2.0, options={"augmentation": "cutout", "params": {"length": 2}}
-    )
+    cfg = RunConfig(method="kd_da", options={"augmentation": "cutout", "params": {"length": 2}})
     dist = spec.build(cfg, resolve_options(cfg), _linear(0), LocalTeacher(_linear(1)), _bundle())
-    assert dist.temperature == 2.0 and dist.augmentation.length == 2
+    assert dist.temperature == 4.0 and dist.augmentation.length == 2
     assert dist.mean == (0.5,) and dist.std == (0.25,)
     cfg.options["temperature"] = 6.0
     dist = spec.build(cfg, resolve_options(cfg), _linear(0), LocalTeacher(_linear(1)), _bundle())
     assert dist.temperature == 6.0
 
     base = {"method": "kd_da", "teacher": "runs/t", "model": "mlp"}
+
+    def checked(data):
+        cfg = config_from_dict(data)
+        check_config(cfg)
+        return cfg
+
     with pytest.raises(ConfigError, match="'bogus'"):
-        config_from_dict({**base, "options": {"augmentation": "bogus"}})
+        checked({**base, "options": {"augmentation": "bogus"}})
     with pytest.raises(ConfigError, match="'size'"):
-        config_from_dict({**base, "options": {"augmentation": "cutout", "params": {"size": 3}}})
+        checked({**base, "options": {"augmentation": "cutout", "params": {"size": 3}}})
     with pytest.raises(ConfigError, match="w_ce"):
-        config_from_dict({**base, "options": {"w_ce": -0.5}})
+        checked({**base, "options": {"w_ce": -0.5}})
     with pytest.raises(ConfigError, match="options.augmenation"):
-        config_from_dict({**base, "options": {"augmenation": "cutmix"}})
-    ok = config_from_dict({**base, "options": {"augmentation": "mixup", "params": {"alpha": 0.4}}})
+        checked({**base, "options": {"augmenation": "cutmix"}})
+    with pytest.raises(
+        ConfigError, match="config key 'temperature' moved to 'options.temperature'"
+    ):
+        checked({**base, "temperature": 2.0})
+    ok = checked({**base, "options": {"augmentation": "mixup", "params": {"alpha": 0.4}}})
     assert resolve_options(ok).params == {"alpha": 0.4}
+
+
+def test_da_score_students_keep_the_temperature_of_the_config():
+    from distillkit.commands.da_score import student_options
+
+    kd = config_from_dict(
+        {"method": "kd", "teacher": "t", "options": {"temperature": 2, "alpha": 0.3}}
+    )
+    opts = student_options(kd, "mixup", {"alpha": 0.4})
+    assert opts == {"temperature": 2.0, "augmentation": "mixup", "params": {"alpha": 0.4}}
+    kd_da = config_from_dict({"method": "kd_da", "teacher": "t", "options": {"w_ce": 0.2}})
+    opts = student_options(kd_da, "cutout", {})
+    assert opts == {"w_ce": 0.2, "augmentation": "cutout", "params": {}}
+    assert student_options(config_from_dict({"teacher": "t"}), "flip", {}) == {
+        "augmentation": "flip",
+        "params": {},
+    }

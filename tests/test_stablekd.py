@@ -22,6 +22,7 @@ from distillkit.methods.stablekd import (
 )
 from distillkit.models import build_model
 from distillkit.models.stagewise import Connector, split_blocks
+from distillkit.runner import check_config, resolve_options
 from distillkit.teachers import LocalTeacher
 
 
@@ -83,17 +84,25 @@ def test_schedule_merges_as_configured_and_ends_end_to_end():
         build_schedule(sizes, [2, 2, 1], 6)
 
 
+def _checked(data: dict):
+    cfg = config_from_dict(data)
+    check_config(cfg)
+    return cfg
+
+
 def test_options_are_validated_through_the_config():
     base = {"method": "stablekd", "teacher": "x"}
-    cfg = config_from_dict({**base, "options": {"blocks_per_stage": [4, 2, 1]}})
+    cfg = _checked({**base, "options": {"blocks_per_stage": [4, 2, 1]}})
     assert cfg.method == "stablekd"
     with pytest.raises(ConfigError, match="end-to-end"):
-        config_from_dict({**base, "options": {"blocks_per_stage": [4, 2]}})
+        _checked({**base, "options": {"blocks_per_stage": [4, 2]}})
     with pytest.raises(ConfigError, match="stage_epochs has 2 entries"):
-        config_from_dict({**base, "options": {"stage_epochs": [1, 1]}})
+        _checked({**base, "options": {"stage_epochs": [1, 1]}})
     with pytest.raises(ConfigError, match="unknown config key 'options.stage_epoch'"):
-        config_from_dict({**base, "options": {"stage_epoch": [1, 1, 1]}})
+        _checked({**base, "options": {"stage_epoch": [1, 1, 1]}})
     assert StableKDOptions().blocks_per_stage == [4, 2, 1]
+    opts = resolve_options(_checked({**base, "options": {"temperature": 2, "alpha": 0}}))
+    assert (opts.temperature, opts.alpha) == (2.0, 0.0)
 
 
 def test_loss_names_follow_the_stage_and_the_last_stage_is_kd():
@@ -296,7 +305,7 @@ def test_new_options_are_validated():
         ("inner_feat_weight", -1.0),
     ):
         with pytest.raises(ConfigError, match=f"options.{key}"):
-            config_from_dict({**base, "options": {key: value}})
+            _checked({**base, "options": {key: value}})
 
 
 # -- runs on digits ------------------------------------------------------------------------------
@@ -471,3 +480,19 @@ def test_benchmark_writes_partial_results_as_runs_finish(tmp_path):
     bad = bench._run_job({"method": "nope", "out_dir": str(tmp_path / "bad")}, None)
     assert "error" in bad and "nope" in bad["error"]
     assert bench.register_limited(10, 5) == bench.register_limited(10, 5) == bench.LIMITED
+
+
+def test_idle_connectors_are_left_to_ddp_not_touched_by_zero_losses(tmp_path):
+    import torch.distributed as dist
+
+    d = _distiller(student="cnn_small", out_connector="always")
+    assert d.ddp_find_unused_parameters  # the trainer's DDP wrapper looks for idle parameters
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        d.on_epoch_start(2)  # end-to-end: no connector takes part
+        _, losses = d.training_step(_batch())
+        params = list(d.out_connectors.parameters())
+        grads = torch.autograd.grad(sum(losses.values()), params, allow_unused=True)
+        assert params and all(g is None for g in grads)
+    finally:
+        dist.destroy_process_group()

@@ -1,4 +1,9 @@
-"""Typed run configuration: YAML files plus `key=value` overrides, validated field by field."""
+"""Typed run configuration: YAML files plus `key=value` overrides, validated field by field.
+
+This module knows nothing of methods, models or datasets: it checks run-level keys (types,
+ranges, choices). The runner checks names and builds a method's typed `options` with
+`build_dataclass`.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ class RunConfig:
 
     name: str = "run"
     method: str = "ce"  # any registered method: distillkit methods
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific, checked by the method
+    # method-specific (temperature, alpha, hint layers, ...): typed and checked by the runner
+    options: dict[str, Any] = field(default_factory=dict)
     # data
     dataset: str = "digits"
     data_dir: str | None = None
@@ -42,11 +48,13 @@ class RunConfig:
     augment: bool = True
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     # student (the model being trained)
-    model: str = "cnn_small"
+    model: str = "cnn_small"  # a zoo name or an import path (path/to/file.py:Name, module:Name)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # teacher: a run directory or checkpoint file of a trained model
     teacher: str | None = None
-    teacher_cache: bool = False
+    # cache the teacher's answers per training sample: auto (when augment=false and the method
+    # can), true or false
+    teacher_cache: bool | str = False
     # refuse a teacher trained on another dataset or input size (channels and classes always must match)
     teacher_dataset_check: bool = True
     # optimisation
@@ -64,12 +72,6 @@ class RunConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     grad_clip: float | None = None
-    # distillation
-    temperature: float = 4.0
-    alpha: float = 0.1  # weight of cross-entropy; the KD term gets 1 - alpha
-    hint_layer: str | None = None  # student layer for fitnet
-    teacher_hint_layer: str | None = None  # teacher layer for fitnet
-    hint_weight: float = 100.0
     # engine
     device: str = "auto"  # auto | cpu | cuda | mps | cuda:N
     amp: str = "none"  # none | bf16 | fp16
@@ -81,6 +83,9 @@ class RunConfig:
     save_every: int = 1
     eval_every: int = 1  # evaluate every N epochs (always after the last)
     sync_bn: bool = False
+    # NHWC convolutions: auto (conv models on cpu, and on cuda under amp), true or false
+    channels_last: bool | str = "auto"
+    compile: bool = False  # torch.compile student and teacher (pays only on long runs)
 
     def run_dir(self) -> Path:
         """Directory this run writes to."""
@@ -91,12 +96,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# keys that were run-level once and now belong to the options of the methods using them
+MOVED_TO_OPTIONS = ("temperature", "alpha", "hint_layer", "teacher_hint_layer", "hint_weight")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "amp": ("none", "bf16", "fp16"),
     "subset.method": ("full", "random", "kt"),
     "subset.features": ("pixels", "teacher"),
+    "channels_last": ("auto", True, False),
+    "teacher_cache": ("auto", True, False),
 }
 
 
@@ -156,11 +166,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
+        return build_dataclass(tp, value, prefix=f"{key}.")
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """An instance of dataclass `cls` from a mapping, each value checked against its annotation.
+
+    Unknown keys are a ConfigError naming `prefix + key` (with the closest valid key); ints are
+    accepted for floats, nested dataclasses are built from nested mappings.
+    """
+    if not isinstance(data, dict):
+        where = f"config key '{prefix.rstrip('.')}'" if prefix else "a config"
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -183,7 +201,6 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}': unknown value {obj!r}; choose from {allowed}")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
     positive["eval_batch_size"] = cfg.eval_batch_size
-    positive["temperature"] = cfg.temperature
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {value!r}")
@@ -199,56 +216,12 @@ def _validate(cfg: RunConfig) -> None:
             f"config key 'name': must be a plain name, got {cfg.name!r}; use out_dir=PATH "
             "to choose the run directory"
         )
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ConfigError(f"config key 'alpha': must be in [0, 1], got {cfg.alpha!r}")
     if not 0.0 < cfg.subset.fraction <= 1.0:
         raise ConfigError(
             f"config key 'subset.fraction': must be in (0, 1], got {cfg.subset.fraction!r}"
         )
-    from distillkit.data.datasets import list_datasets
-    from distillkit.methods.registry import get_method
-    from distillkit.models import list_models
-
-    if cfg.model not in list_models():
-        close = difflib.get_close_matches(cfg.model, list_models(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"config key 'model': unknown model {cfg.model!r}{hint}; see `distillkit models`"
-        )
-    if cfg.dataset not in list_datasets():
-        raise ConfigError(
-            f"config key 'dataset': unknown dataset {cfg.dataset!r}; choose from {', '.join(list_datasets())}"
-        )
-    try:
-        spec = get_method(cfg.method)
-    except ValueError as exc:
-        raise ConfigError(f"config key 'method': {exc}") from None
-    resolve_options(cfg)
-    if spec.needs_teacher and not cfg.teacher:
-        raise ConfigError(
-            f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT"
-        )
     if cfg.subset.features == "teacher" and cfg.subset.method == "kt" and not cfg.teacher:
         raise ConfigError("config key 'subset.features': 'teacher' needs a teacher")
-
-
-def resolve_options(cfg: RunConfig) -> Any:
-    """The method's typed options from cfg.options (None for methods without options)."""
-    from distillkit.methods.registry import get_method
-
-    spec = get_method(cfg.method)
-    if spec.options_cls is None:
-        if cfg.options:
-            raise ConfigError(f"method '{cfg.method}' takes no options, got {sorted(cfg.options)}")
-        return None
-    opts = _build(spec.options_cls, cfg.options, prefix="options.")
-    check = getattr(opts, "validate", None)
-    if check is not None:
-        try:
-            check()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return opts
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -283,12 +256,19 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from a (possibly partial) dict."""
+    """Build a RunConfig from a (possibly partial) dict, checking its run-level keys.
+
+    Model, dataset and method names and the method's options are checked by the runner
+    (`runner.check_config`), which knows them.
+    """
     if not isinstance(data, dict):
         raise ConfigError(
             f"a config must be a mapping of keys to values, got {type(data).__name__}"
         )
-    cfg = _build(RunConfig, data)
+    for key in MOVED_TO_OPTIONS:
+        if key in data:
+            raise ConfigError(f"config key '{key}' moved to 'options.{key}'")
+    cfg = build_dataclass(RunConfig, data)
     _validate(cfg)
     return cfg
 

@@ -61,7 +61,7 @@ def run_demo(
         teacher=str(out / "teacher"),
         out_dir=str(out / "kd"),
     )
-    kd.update({"temperature": 4.0, "alpha": 0.1})
+    kd["options"] = {"temperature": 4.0, "alpha": 0.1}
     rows = []
     for label, spec in (("teacher", teacher), ("student alone", student), ("KD student", kd)):
         if epochs is not None:

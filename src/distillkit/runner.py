@@ -1,7 +1,14 @@
-"""Turn a RunConfig into a trained run directory: data, models, teacher, method, trainer."""
+"""Turn a RunConfig into a trained run directory: data, models, teacher, method, trainer.
+
+The runner is where a config meets the registries: it checks model, dataset and method names
+and builds the method's typed options (`check_config`); config.py knows none of them. It never
+branches on a method's name: what differs between methods is in their registry entry.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import gc
 import json
 import re
@@ -14,15 +21,15 @@ import torch
 from torch import nn
 
 from distillkit.config import (
-    ConfigError,
     RunConfig,
+    build_dataclass,
     config_from_dict,
     format_overrides,
     read_config_history,
-    resolve_options,
     save_config,
     with_absolute_paths,
 )
+from distillkit.data import canonical_dataset_spec, list_datasets
 from distillkit.data.datasets import DataBundle, load_dataset
 from distillkit.data.transforms import normalize, to_float
 from distillkit.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
@@ -33,8 +40,15 @@ from distillkit.engine.distributed import (
     shutdown_distributed,
 )
 from distillkit.engine.trainer import Trainer, resolve_device, seed_everything
+from distillkit.errors import ConfigError
 from distillkit.methods import Distiller, get_method
-from distillkit.models import build_model, penultimate_features
+from distillkit.models import (
+    build_model,
+    canonical_model_spec,
+    is_import_spec,
+    list_models,
+    penultimate_features,
+)
 from distillkit.teachers import CachedTeacher, LocalTeacher
 
 
@@ -54,6 +68,75 @@ class Prepared:
 
 class RunInterrupted(Exception):
     """Training stopped by Ctrl-C; the message says where the last checkpoint is."""
+
+
+def resolve_options(cfg: RunConfig) -> Any:
+    """The method's typed options from cfg.options (None for methods without options)."""
+    try:
+        spec = get_method(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'method': {exc}") from None
+    if spec.options_cls is None:
+        if cfg.options:
+            raise ConfigError(f"method '{cfg.method}' takes no options, got {sorted(cfg.options)}")
+        return None
+    opts = build_dataclass(spec.options_cls, cfg.options, prefix="options.")
+    check = getattr(opts, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return opts
+
+
+def check_config(cfg: RunConfig) -> Any:
+    """Check what config.py cannot: model, dataset and method names, the method's options, and
+    whether the method can use the teacher settings. Returns the typed options."""
+    if not is_import_spec(cfg.model) and cfg.model not in list_models():
+        close = difflib.get_close_matches(cfg.model, list_models(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"config key 'model': unknown model {cfg.model!r}{hint}; see `distillkit models`, or "
+            "give path/to/file.py:Name or package.module:Name"
+        )
+    # a name with ':' is a dataset factory (path/to/file.py:factory or package.module:factory)
+    if ":" not in cfg.dataset and cfg.dataset not in list_datasets():
+        raise ConfigError(
+            f"config key 'dataset': unknown dataset {cfg.dataset!r}; choose from "
+            f"{', '.join(list_datasets())}, or give path/to/file.py:factory"
+        )
+    options = resolve_options(cfg)
+    spec = get_method(cfg.method)
+    if spec.needs_teacher and not cfg.teacher:
+        raise ConfigError(
+            f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT"
+        )
+    if cfg.teacher_cache:
+        if not spec.teacher_cache:
+            raise ConfigError(
+                f"config key 'teacher_cache': method '{cfg.method}' cannot use cached teacher "
+                "outputs; set teacher_cache=false"
+            )
+        if cfg.augment:
+            raise ConfigError(
+                "teacher_cache needs augment=false: cached outputs are keyed by sample"
+            )
+    return options
+
+
+def canonical_config(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
+    """A copy of cfg that works from any folder: teacher, data_dir and the import paths of model
+    and dataset made absolute (relative to `base`, default the cwd)."""
+    where = Path(base) if base is not None else Path.cwd()
+    cfg = with_absolute_paths(cfg, where)
+    return dataclasses.replace(
+        cfg,
+        model=canonical_model_spec(cfg.model, where),
+        dataset=canonical_dataset_spec(cfg.dataset, where),
+    )
 
 
 def _describe(dataset: Any, channels: Any, size: Any, classes: Any) -> str:
@@ -97,6 +180,11 @@ def build_student(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
             **cfg.model_kwargs,
         )
     except (TypeError, ValueError) as exc:
+        if is_import_spec(cfg.model):
+            # the model's own one-line reason (file missing, argument not taken, ...)
+            key = "model_kwargs" if cfg.model_kwargs else "model"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"config key '{key}': {first}") from None
         if not cfg.model_kwargs:
             raise
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
@@ -152,6 +240,7 @@ def choose_subset(
 
 def prepare(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> Prepared:
     """Build everything for a run; with resume_state, reuse its subset instead of re-selecting."""
+    check_config(cfg)
     probe_ctx_rank = DistContext()
     device = resolve_device(cfg.device, probe_ctx_rank.local_rank)
     ctx = init_distributed(device)
@@ -166,11 +255,7 @@ def prepare(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> Prepa
     # the student is built after seeding so every rank (and every rerun) starts from the same weights
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, bundle)
-    if teacher is not None and cfg.teacher_cache and cfg.method == "kd":
-        if cfg.augment:
-            raise ConfigError(
-                "teacher_cache needs augment=false: cached outputs are keyed by sample"
-            )
+    if teacher is not None and cfg.teacher_cache:  # check_config: the method can use it
         cache_path = run_dir / "teacher_cache" / f"{bundle.name}_train_rank{ctx.rank}.pt"
         teacher = CachedTeacher(teacher, len(bundle.train), cache_path)
     distiller = build_distiller(cfg, student, teacher, bundle)
@@ -241,8 +326,9 @@ def run(cfg: RunConfig, history: list[str] | None = None) -> dict[str, Any]:
 
     `history` (e.g. the command line) is written as a comment at the top of config.yaml.
     """
+    check_config(cfg)
     # the saved config must work from any folder: paths relative to here become absolute
-    cfg = with_absolute_paths(cfg)
+    cfg = canonical_config(cfg)
     ckpt = cfg.run_dir() / "checkpoints" / "last.pt"
     if ckpt.exists():
         raise FileExistsError(
@@ -260,17 +346,11 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     """Continue a run exactly where its last checkpoint left it (optionally with more epochs)."""
     run_dir = Path(run_dir)
     state = load_checkpoint(resolve_checkpoint(run_dir, which="last"))
-    if state.get("kind") == "ssl":  # self-supervised runs have their own trainer
-        from distillkit.ssl_train import resume_ssl
-
-        try:
-            return resume_ssl(run_dir, overrides)
-        except KeyboardInterrupt:
-            raise RunInterrupted(interrupted_message(run_dir)) from None
     data = dict(state["config"])
     data["out_dir"] = str(run_dir)
     data.update(overrides or {})
-    cfg = with_absolute_paths(config_from_dict(data))
+    cfg = canonical_config(config_from_dict(data))
+    check_config(cfg)
     trained = int(state["epoch"])
     if cfg.epochs < trained:
         # training would not run, yet config.yaml would claim fewer epochs than the weights saw
@@ -293,10 +373,6 @@ def evaluate_checkpoint(
     """Accuracy and loss of a saved model on its dataset's test split."""
     from distillkit.engine.trainer import evaluate
 
-    if load_checkpoint(path, which="best").get("kind") == "ssl":
-        from distillkit.ssl_train import evaluate_ssl_checkpoint
-
-        return evaluate_ssl_checkpoint(path, data_dir=data_dir, device=device)
     model, state = model_from_checkpoint(path, which="best")
     meta = state["model_meta"]
     dev = resolve_device(device)

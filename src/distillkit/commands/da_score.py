@@ -105,16 +105,26 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
+def student_options(cfg, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """kd_da options of a scheme's student: the config's own kd_da options, or (for another
+    method) only its KD temperature, plus the scheme's augmentation."""
+    if cfg.method == "kd_da":
+        options = dict(cfg.options)
+    else:
+        options = {k: v for k, v in cfg.options.items() if k == "temperature"}
+    options.update(augmentation=name, params=dict(params))
+    return options
+
+
 def _train_student(
     cfg, label: str, name: str, params: dict[str, Any], seed: int, out_dir: Path
 ) -> dict[str, Any]:
     """Distill one student with kd_da and the scheme; reuse a finished run of the same config."""
-    from distillkit.config import config_from_dict, load_config, with_absolute_paths
-    from distillkit.runner import run
+    from distillkit.config import config_from_dict, load_config
+    from distillkit.runner import canonical_config, run
 
     data = cfg.to_dict()
-    options = dict(cfg.options) if cfg.method == "kd_da" else {}
-    options.update(augmentation=name, params=dict(params))
+    options = student_options(cfg, name, params)
     run_dir = out_dir / "students" / f"{_safe(label)}_s{seed}"
     data.update(
         method="kd_da",
@@ -124,11 +134,15 @@ def _train_student(
         out_dir=str(run_dir),
         teacher_cache=False,
     )
-    # run() saves teacher and data_dir as absolute paths: compare like with like
-    student_cfg = with_absolute_paths(config_from_dict(data))
+    # run() saves paths and import specs absolute: compare like with like
+    student_cfg = canonical_config(config_from_dict(data))
     metrics = run_dir / "metrics.json"
     if metrics.is_file() and (run_dir / "config.yaml").is_file():
-        if load_config(run_dir / "config.yaml").to_dict() == student_cfg.to_dict():
+        try:
+            saved = load_config(run_dir / "config.yaml").to_dict()
+        except ConfigError:  # written by an older distillkit: not the same config
+            saved = None
+        if saved == student_cfg.to_dict():
             summary = json.loads(metrics.read_text())
             return {
                 "test_loss": summary["test_loss"],
@@ -300,9 +314,11 @@ def format_table(result: dict[str, Any]) -> str:
 def cmd_da_score(args: argparse.Namespace) -> int:
     """da-score: parse, run, print the table and where the files went."""
     from distillkit.config import load_config
+    from distillkit.runner import check_config
 
     config, overrides = split_config_arg(args)
     cfg = load_config(config, overrides)
+    check_config(cfg)
     schemes = parse_schemes(args.schemes)
     seeds = _parse_seeds(args.seeds)
     for key in ("batch", "window_batches", "tstd_epochs"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,22 @@ from torch import nn
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.registry import register_method
 from distillkit.models.hooks import FeatureHooks, feature_shapes
+
+
+@dataclass
+class FitNetOptions:
+    """Options of method fitnet (config key `options:`)."""
+
+    hint_layer: str | None = None  # student layer; None: the middle entry of its hook_layers
+    teacher_hint_layer: str | None = None  # teacher layer; None: likewise
+    hint_weight: float = 100.0
+
+    def validate(self) -> None:
+        """The hint weight must be >= 0."""
+        if not self.hint_weight >= 0:
+            raise ValueError(
+                f"config key 'options.hint_weight': must be >= 0, got {self.hint_weight!r}"
+            )
 
 
 class FitNet(Distiller):
@@ -68,16 +86,21 @@ class FitNet(Distiller):
         return logits, losses
 
 
-@register_method("fitnet", description="FitNets hint regression on hooked features + CE")
-def build(cfg, options, student, teacher, bundle) -> FitNet:
+@register_method(
+    "fitnet",
+    options=FitNetOptions,
+    description="FitNets hint regression on hooked features + CE",
+)
+def build(cfg, options: FitNetOptions, student, teacher, bundle) -> FitNet:
     """Registry builder; layers default to the middle entry of each model's hook_layers."""
     shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     s_layers = getattr(student, "hook_layers", [])
     t_layers = getattr(teacher.model, "hook_layers", [])
-    s_layer = cfg.hint_layer or (s_layers[len(s_layers) // 2] if s_layers else None)
-    t_layer = cfg.teacher_hint_layer or (t_layers[len(t_layers) // 2] if t_layers else None)
+    s_layer = options.hint_layer or (s_layers[len(s_layers) // 2] if s_layers else None)
+    t_layer = options.teacher_hint_layer or (t_layers[len(t_layers) // 2] if t_layers else None)
     if s_layer is None or t_layer is None:
         raise ValueError(
-            "fitnet needs hint_layer and teacher_hint_layer for models without hook_layers"
+            "fitnet needs options.hint_layer and options.teacher_hint_layer for models without "
+            "hook_layers"
         )
-    return FitNet(student, teacher, s_layer, t_layer, shape, cfg.hint_weight)
+    return FitNet(student, teacher, s_layer, t_layer, shape, options.hint_weight)

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distillkit.methods.base import Batch, Distiller
-from distillkit.methods.losses import kd_loss
+from distillkit.methods.losses import check_alpha, check_temperature, kd_loss
 from distillkit.methods.registry import register_method
 from distillkit.teachers.base import TeacherOutput, ask_teacher
+
+
+@dataclass
+class KDOptions:
+    """Options of method kd (config key `options:`)."""
+
+    temperature: float = 4.0
+    alpha: float = 0.1  # weight of cross-entropy; the KD term gets 1 - alpha
+
+    def validate(self) -> None:
+        """Temperature > 0, alpha in [0, 1]."""
+        check_temperature(self.temperature)
+        check_alpha(self.alpha)
 
 
 class KD(Distiller):
@@ -49,7 +64,12 @@ class KD(Distiller):
         return logits, losses
 
 
-@register_method("kd", description="Hinton KD: alpha*CE + (1-alpha)*T^2*KL")
-def build(cfg, options, student, teacher, bundle) -> KD:
-    """Registry builder: temperature and alpha come from the top-level config keys."""
-    return KD(student, teacher, cfg.temperature, cfg.alpha, num_classes=bundle.num_classes)
+@register_method(
+    "kd",
+    options=KDOptions,
+    description="Hinton KD: alpha*CE + (1-alpha)*T^2*KL",
+    teacher_cache=True,
+)
+def build(cfg, options: KDOptions, student, teacher, bundle) -> KD:
+    """Registry builder: temperature and alpha come from `options`."""
+    return KD(student, teacher, options.temperature, options.alpha, num_classes=bundle.num_classes)

@@ -21,7 +21,7 @@ from torch import nn
 
 from distillkit.data.augment import Augmentation, build_augmentation, student_scorer
 from distillkit.methods.base import Batch, Distiller
-from distillkit.methods.losses import is_hard, kd_loss
+from distillkit.methods.losses import check_temperature, is_hard, kd_loss
 from distillkit.methods.registry import register_method
 from distillkit.teachers.base import TeacherOutput, ask_teacher
 
@@ -34,7 +34,7 @@ class KDDAOptions:
     params: dict[str, Any] = field(default_factory=dict)
     w_ce: float = 0.1
     w_kd: float = 0.9
-    temperature: float | None = None  # None: the config's top-level temperature
+    temperature: float = 4.0
 
     def validate(self) -> None:
         """Check weights and temperature, and that the augmentation builds."""
@@ -43,10 +43,7 @@ class KDDAOptions:
                 raise ValueError(
                     f"config key 'options.{key}': must be >= 0, got {getattr(self, key)!r}"
                 )
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(
-                f"config key 'options.temperature': must be > 0, got {self.temperature!r}"
-            )
+        check_temperature(self.temperature)
         try:
             build_augmentation(self.augmentation, **self.params)
         except ValueError as exc:
@@ -144,14 +141,13 @@ def reused_answer(log_probs: torch.Tensor, hard: bool) -> TeacherOutput:
 def build(cfg, options: KDDAOptions, student, teacher, bundle) -> KDDA:
     """Registry builder: the augmentation and weights come from `options`."""
     aug = build_augmentation(options.augmentation, **options.params)
-    temperature = options.temperature if options.temperature is not None else cfg.temperature
     return KDDA(
         student,
         teacher,
         aug,
         w_ce=options.w_ce,
         w_kd=options.w_kd,
-        temperature=temperature,
+        temperature=options.temperature,
         mean=tuple(bundle.mean),
         std=tuple(bundle.std),
         num_classes=bundle.num_classes,

@@ -69,3 +69,15 @@ def _check_shapes(student_logits: torch.Tensor, teacher: torch.Tensor) -> None:
             f"student logits {tuple(student_logits.shape)} and teacher outputs "
             f"{tuple(teacher.shape)} must have the same shape"
         )
+
+
+def check_temperature(value: float, key: str = "options.temperature") -> None:
+    """ValueError naming the config key unless the KD temperature is > 0."""
+    if not value > 0:
+        raise ValueError(f"config key '{key}': must be > 0, got {value!r}")
+
+
+def check_alpha(value: float, key: str = "options.alpha") -> None:
+    """ValueError naming the config key unless the cross-entropy share is in [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"config key '{key}': must be in [0, 1], got {value!r}")

@@ -18,6 +18,8 @@ class MethodSpec:
 
     build(cfg, options, student, teacher, bundle) -> Distiller, where `options` is an instance of
     `options_cls` filled from the config's `options:` mapping (None when the method has none).
+    `teacher_cache`: the method asks its teacher about training samples by index only (with
+    augment=false), so the runner may cache the answers on disk (config key teacher_cache).
     """
 
     name: str
@@ -25,6 +27,7 @@ class MethodSpec:
     options_cls: type | None = None
     needs_teacher: bool = True
     description: str = ""
+    teacher_cache: bool = False
 
 
 def register_method(
@@ -33,13 +36,14 @@ def register_method(
     options: type | None = None,
     needs_teacher: bool = True,
     description: str = "",
+    teacher_cache: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for a builder function: `@register_method("kd")`."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and _REGISTRY[name].build is not fn:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, fn, options, needs_teacher, description)
+        _REGISTRY[name] = MethodSpec(name, fn, options, needs_teacher, description, teacher_cache)
         return fn
 
     return deco

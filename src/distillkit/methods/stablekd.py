@@ -41,8 +41,8 @@ boundary. Then the group runs the student's blocks ``a..b``:
   over the batch, floored at 1% of the mean variance, so every channel and every boundary counts
   about the same whatever its scale) or plain ``mse``;
 - the group ending with the head is trained on the teacher's logits:
-  ``(1 - alpha) * T^2 * KL(p_t^T || p_s^T)`` plus ``alpha * CE`` when ``alpha > 0`` (the config's
-  ``temperature`` and ``alpha``), so with ``inner_feat_weight: 0`` the last, one-group stage is
+  ``(1 - alpha) * T^2 * KL(p_t^T || p_s^T)`` plus ``alpha * CE`` when ``alpha > 0``
+  (``options.temperature`` and ``options.alpha``, defaults 4 and 0.1 as in ``kd``), so with ``inner_feat_weight: 0`` the last, one-group stage is
   exactly the ``kd`` method.
 
 ``inner_feat_weight`` (default 0) adds ``inner_feat_weight * L`` at the inner boundaries of
@@ -105,8 +105,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillkit.errors import ConfigError
 from distillkit.methods.base import Batch, Distiller
-from distillkit.methods.losses import kd_kl
+from distillkit.methods.losses import check_alpha, check_temperature, kd_kl
 from distillkit.methods.registry import register_method
 from distillkit.models.stagewise import (
     Block,
@@ -269,9 +270,13 @@ class StableKDOptions:
     feat_loss: str = "nmse"  # nmse (per-channel normalised) | mse
     inner_feat_weight: float = 0.0  # feature losses at the inner boundaries of merged groups
     out_connector: str = "auto"  # auto (identity for equal shapes) | always (learned 1x1 map)
+    temperature: float = 4.0  # of the KD term on the logits
+    alpha: float = 0.1  # weight of cross-entropy there; the KD term gets 1 - alpha
 
     def validate(self) -> None:
         """Checks that do not need the run's epochs (those happen when the method is built)."""
+        check_temperature(self.temperature)
+        check_alpha(self.alpha)
         sizes = stage_sizes(self.blocks_per_stage, self.stages)
         if self.stage_epochs:
             if any(e < 1 for e in self.stage_epochs):
@@ -299,6 +304,9 @@ class StableKDOptions:
 
 class StableKD(Distiller):
     """Decomposition into paired blocks, then recomposition toward end-to-end KD (module doc)."""
+
+    # a stage leaves the connectors of other stages (and, merged, inner ones) without gradient
+    ddp_find_unused_parameters = True
 
     def __init__(
         self,
@@ -422,7 +430,6 @@ class StableKD(Distiller):
         share = self.student_input_share
         losses: dict[str, torch.Tensor] = {}
         logits = None
-        used: set[str] = set()
         prev: torch.Tensor | None = None  # the previous group's output: the student's feature
         for group in stage.groups:
             a, b = group[0], group[-1]
@@ -438,13 +445,12 @@ class StableKD(Distiller):
                     conn = self.in_connectors[str(a)]
                     t_in = t_feats[a - 1]
                     t_in = t_in.clone() if isinstance(conn, nn.Identity) else conn(t_in)
-                    used.add(f"in{a}")
                     h = t_in if share <= 0.0 else share * own + (1.0 - share) * t_in
             for i in group:
                 h = self._s_blocks[i].module(h)
                 if i != b and self.inner_feat_weight > 0:
                     losses[f"{tag}_feat{i + 1}"] = self.inner_feat_weight * self._feat_term(
-                        h, t_feats, i + 1, used
+                        h, t_feats, i + 1
                     )
             prev = h
             if b == self.num_blocks - 1:
@@ -454,33 +460,13 @@ class StableKD(Distiller):
                 if self.alpha > 0:
                     losses[f"{tag}_ce"] = self.alpha * F.cross_entropy(h, y)
             else:
-                losses[f"{tag}_feat"] = self.feat_weight * self._feat_term(h, t_feats, b + 1, used)
+                losses[f"{tag}_feat"] = self.feat_weight * self._feat_term(h, t_feats, b + 1)
         assert logits is not None
-        self._touch_unused(losses, used)
         return logits, losses
 
-    def _feat_term(
-        self, h: torch.Tensor, t_feats: list[torch.Tensor], k: int, used: set[str]
-    ) -> torch.Tensor:
+    def _feat_term(self, h: torch.Tensor, t_feats: list[torch.Tensor], k: int) -> torch.Tensor:
         """Feature loss of the student's feature ``h`` at boundary ``k`` against the teacher's."""
-        used.add(f"out{k}")
         return feature_loss(self.out_connectors[str(k)](h), t_feats[k - 1], self.feat_loss)
-
-    def _touch_unused(self, losses: dict[str, torch.Tensor], used: set[str]) -> None:
-        """Under DDP every parameter must get a gradient: add 0 * (unused connectors)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        zero = None
-        for prefix, conns in (("in", self.in_connectors), ("out", self.out_connectors)):
-            for k, conn in conns.items():
-                if f"{prefix}{k}" in used:
-                    continue
-                for p in conn.parameters():
-                    term = p.sum() * 0.0
-                    zero = term if zero is None else zero + term
-        if zero is not None:
-            first = next(iter(losses))
-            losses[first] = losses[first] + zero
 
 
 @register_method(
@@ -489,9 +475,7 @@ class StableKD(Distiller):
     description="StableKD: blockwise distillation on teacher features, merged back to end-to-end KD",
 )
 def build(cfg, options: StableKDOptions, student, teacher, bundle) -> StableKD:
-    """Registry builder: schedule from the options, T and alpha from the config."""
-    from distillkit.config import ConfigError
-
+    """Registry builder: schedule, temperature and alpha from the options, epochs from the run."""
     sizes = stage_sizes(options.blocks_per_stage, options.stages)
     try:
         schedule = build_schedule(sizes, options.stage_epochs, cfg.epochs)
@@ -501,8 +485,8 @@ def build(cfg, options: StableKDOptions, student, teacher, bundle) -> StableKD:
             teacher,
             schedule,
             shape,
-            temperature=cfg.temperature,
-            alpha=cfg.alpha,
+            temperature=options.temperature,
+            alpha=options.alpha,
             feat_weight=options.feat_weight,
             block_input=options.block_input,
             feat_loss=options.feat_loss,
