@@ -488,7 +488,7 @@ def create_app(
 
 def load_service(path: str | Path, responses: str = "soft", device: str = "cpu") -> TeacherService:
     """A TeacherService for the best checkpoint of a run directory (or a checkpoint file)."""
-    from distillkit.engine.checkpoint import model_from_checkpoint
+    from distillkit.models.checkpoint import model_from_checkpoint
 
     model, state = model_from_checkpoint(path, which="best")
     return TeacherService(model, state["model_meta"], responses, device)
