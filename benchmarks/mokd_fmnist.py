@@ -9,7 +9,8 @@ training split (or --eval-train-samples of it) as memory bank, and a linear prob
 markdown table (mean +- std over seeds). OUT/results.json and OUT/report.md are rewritten as each
 run finishes, so a killed benchmark leaves its finished runs; finished runs are reused and
 interrupted ones resumed when the same command is run again. An earlier invocation's report.md and
-results.json are kept, renamed with their time (report.YYYYmmdd-HHMMSS.md).
+results.json are kept, renamed with their time (report.YYYYmmdd-HHMMSS.md). Every run is an
+ordinary `distillkit train` run (method dino or mokd) through `distillkit.runner`.
 
     # GPU machine (1 GPU, 16 cores): 9 runs in parallel on the GPU, a few minutes
     python benchmarks/mokd_fmnist.py --device cuda --jobs 9 --seeds 0,1,2 \\
@@ -35,13 +36,17 @@ from typing import Any
 
 import torch
 
-from distillkit.engine.trainer import resolve_device
-from distillkit.ssl_train import SSLTrainer, resume_ssl, run_ssl, ssl_config_from_dict
+from distillkit.config import config_from_dict
+from distillkit.engine.trainer import Trainer
+from distillkit.runner import check_config, prepare, resume, run
 
 KINDS = ("mokd", "dino_vit", "dino_cnn")  # longest first, so parallel workers finish together
 UNTRAINED = ("untrained",)  # --untrained: an evaluation only, after the training runs
+FMNIST_TRAIN = 60000  # training images of Fashion-MNIST: --train-samples is a fraction of them
+# one model and its recipe: `model` / `model_kwargs` are the run's (model a) or options.b's
 CNN = {
-    "name": "resnet8",
+    "model": "resnet8",
+    "model_kwargs": {},
     "optimizer": "sgd",
     "lr": 0.03,
     "weight_decay": 1e-4,
@@ -50,8 +55,8 @@ CNN = {
 # the small-image ViT recipe of configs/digits_mokd.yaml: mean-pooled tokens, DINO's AdamW
 # schedule (warm-up, wd 0.04 -> 0.4, clipping at 3, last layer frozen in epoch 1), higher lr
 VIT = {
-    "name": "vit_tiny",
-    "kwargs": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3, "pool": "mean"},
+    "model": "vit_tiny",
+    "model_kwargs": {"patch_size": 4, "dim": 96, "depth": 4, "heads": 3, "pool": "mean"},
     "optimizer": "adamw",
     "lr": 1e-3,
     "weight_decay": 0.04,
@@ -61,12 +66,12 @@ VIT = {
     "head_bn": True,
 }
 LABELS = {
-    "cnn_untrained": f"CNN ({CNN['name']}) untrained",
-    "cnn_dino": f"CNN ({CNN['name']}) DINO alone",
-    "cnn_mokd": f"CNN ({CNN['name']}) with MOKD",
-    "vit_untrained": f"ViT ({VIT['name']}) untrained",
-    "vit_dino": f"ViT ({VIT['name']}) DINO alone",
-    "vit_mokd": f"ViT ({VIT['name']}) with MOKD",
+    "cnn_untrained": f"CNN ({CNN['model']}) untrained",
+    "cnn_dino": f"CNN ({CNN['model']}) DINO alone",
+    "cnn_mokd": f"CNN ({CNN['model']}) with MOKD",
+    "vit_untrained": f"ViT ({VIT['model']}) untrained",
+    "vit_dino": f"ViT ({VIT['model']}) DINO alone",
+    "vit_mokd": f"ViT ({VIT['model']}) with MOKD",
 }
 # which table row each member of each run feeds
 ROWS = {
@@ -88,11 +93,30 @@ SMOKE = {
 
 
 def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """Settings shared by every run of one seed."""
+    """Run-level settings shared by every run of one seed (a RunConfig mapping)."""
+    subset = {"method": "full"}
+    if args.train_samples:
+        # a random subset of exactly train_samples images: round(fraction * 60000)
+        fraction = args.train_samples / FMNIST_TRAIN
+        subset = {"method": "random", "fraction": fraction, "per_class": False}
     return {
         "dataset": "fashion-mnist",
         "data_dir": args.data_dir,
-        "max_train_samples": args.train_samples,
+        "subset": subset,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "drop_last": True,  # equal batches
+        "augment": False,  # the views come from the raw images
+        "eval_every": args.epochs,  # evaluate after the last epoch only
+        "seed": seed,
+        "device": args.device,
+        "quiet": not args.verbose,
+    }
+
+
+def base_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Heads, views, loss and evaluation settings of every run (its `options`)."""
+    return {
         "out_dim": args.out_dim,
         "head_hidden": 512,
         "head_bottleneck": 128,
@@ -108,14 +132,8 @@ def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "warmup_teacher_temp": args.warmup_teacher_temp,
         "teacher_temp": args.teacher_temp,
         "warmup_teacher_temp_epochs": max(1, args.epochs // 3),
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "eval_every": 0,
         "eval_train_samples": args.eval_train_samples,
         "eval_test_samples": args.eval_test_samples,
-        "seed": seed,
-        "device": args.device,
-        "quiet": not args.verbose,
     }
 
 
@@ -124,16 +142,42 @@ def member(spec: dict[str, Any], warmup: float, ema: float) -> dict[str, Any]:
     return {**spec, "warmup_epochs": warmup, "ema_momentum": ema}
 
 
+def as_model_a(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-level `model` / `model_kwargs`, options.a recipe) of a model trained as model a."""
+    recipe = {k: v for k, v in spec.items() if k not in ("model", "model_kwargs")}
+    return {"model": spec["model"], "model_kwargs": spec["model_kwargs"]}, recipe
+
+
 def runs_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, Any]]:
-    """The three runs of one seed: CNN alone, ViT alone, MOKD pair."""
-    base = base_config(args, seed)
+    """The three runs of one seed: CNN alone, ViT alone, MOKD pair (RunConfig mappings)."""
+    base, opts = base_config(args, seed), base_options(args)
     warm = min(1.0, args.epochs / 10)
     cnn = {**member(CNN, warm, args.ema), "cross_weight": args.cnn_cross_weight}
     vit = {**member(VIT, warm, args.ema), "cross_weight": args.vit_cross_weight}
+    cnn_model, cnn_a = as_model_a(cnn)
+    vit_model, vit_a = as_model_a(vit)
     return {
-        "mokd": {**base, "name": f"mokd_s{seed}", "method": "mokd", "a": cnn, "b": vit},
-        "dino_vit": {**base, "name": f"dino_vit_s{seed}", "method": "dino", "a": vit},
-        "dino_cnn": {**base, "name": f"dino_cnn_s{seed}", "method": "dino", "a": cnn},
+        "mokd": {
+            **base,
+            **cnn_model,
+            "name": f"mokd_s{seed}",
+            "method": "mokd",
+            "options": {**opts, "a": cnn_a, "b": vit},
+        },
+        "dino_vit": {
+            **base,
+            **vit_model,
+            "name": f"dino_vit_s{seed}",
+            "method": "dino",
+            "options": {**opts, "a": vit_a},
+        },
+        "dino_cnn": {
+            **base,
+            **cnn_model,
+            "name": f"dino_cnn_s{seed}",
+            "method": "dino",
+            "options": {**opts, "a": cnn_a},
+        },
     }
 
 
@@ -148,12 +192,17 @@ def evaluate_untrained(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if final.is_file():
         return json.loads(final.read_text())
     t0 = time.perf_counter()
-    cfg = ssl_config_from_dict({**data, "out_dir": str(run_dir)})
-    # the trainer seeds and builds the models exactly as the training run of this config starts
-    trainer = SSLTrainer(cfg, run_dir, resolve_device(cfg.device))
+    cfg = config_from_dict({**data, "out_dir": str(run_dir)})
+    check_config(cfg)
+    # seeded and built exactly as the training run of this config starts; nothing is trained
+    p = prepare(cfg)
+    trainer = Trainer(p.cfg, p.distiller, p.bundle, p.device, p.run_dir, p.ctx, p.train_indices)
+    try:
+        accs = trainer.evaluate()
+    finally:
+        trainer.close()
     summary: dict[str, Any] = {"name": cfg.name, "kind": "untrained", "epochs": 0}
-    for member, accs in trainer.evaluate().items():
-        summary.update({f"{k}_{member}": v for k, v in accs.items()})
+    summary.update({k: v for k, v in accs.items() if k.startswith(("knn_acc_", "linear_acc_"))})
     summary["wall_time_s"] = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(final, json.dumps(summary, indent=2) + "\n")
@@ -167,9 +216,8 @@ def run_one(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         return json.loads(final.read_text())
     if (run_dir / "checkpoints" / "last.pt").is_file():
         # the device may differ from the interrupted run's (resumed elsewhere)
-        return resume_ssl(run_dir, {"device": data["device"]})
-    cfg = ssl_config_from_dict({**data, "out_dir": str(run_dir)})
-    return run_ssl(cfg)
+        return resume(run_dir, {"device": data["device"]})
+    return run(config_from_dict({**data, "out_dir": str(run_dir)}))
 
 
 def _worker(

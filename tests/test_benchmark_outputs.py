@@ -191,34 +191,41 @@ def test_mokd_untrained_evaluation_does_not_train(tmp_path, monkeypatch):
     bench = _load("mokd_fmnist")
     args = bench.parse_args(["--smoke", "--untrained"])
     pair = bench.untrained_runs(args, 0)["untrained"]
-    data = {
-        **pair,
-        "b": {**pair["b"], "kwargs": {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2}},
+    options = {
+        **pair["options"],
+        "b": {
+            **pair["options"]["b"],
+            "model_kwargs": {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2},
+        },
         "thead_width": 16,
         "thead_depth": 1,
         "thead_heads": 2,
-        "dataset": "digits",
         "global_size": 8,
         "local_size": 4,
-        "max_train_samples": 64,
         "eval_train_samples": 300,
         "eval_test_samples": 100,
         "probe_steps": 10,
         "out_dim": 32,
         "head_hidden": 16,
         "head_bottleneck": 8,
+    }
+    data = {
+        **pair,
+        "options": options,
+        "dataset": "digits",
         "device": "cpu",
         "quiet": True,
+        "subset": {"method": "random", "fraction": 64 / 1347, "per_class": False},
     }
     trained = []
-    monkeypatch.setattr(bench.SSLTrainer, "fit", lambda self, *a: trained.append(1))
+    monkeypatch.setattr(bench.Trainer, "fit", lambda self, *a: trained.append(1))
     summary = bench.evaluate_untrained(data, tmp_path / "u")
     assert not trained and summary["epochs"] == 0
     for key in ("knn_acc_a", "linear_acc_a", "knn_acc_b", "linear_acc_b"):
         assert 0.0 <= summary[key] <= 100.0
     assert not (tmp_path / "u" / "checkpoints").exists()
     # a finished evaluation is read back, not redone
-    monkeypatch.setattr(bench, "SSLTrainer", None)
+    monkeypatch.setattr(bench, "Trainer", None)
     assert bench.evaluate_untrained(data, tmp_path / "u") == summary
 
 

@@ -114,7 +114,12 @@ def test_methods_run_on_cuda(tmp_path, teacher_dir, method, extra):
 
 @pytest.mark.parametrize("config", ["configs/digits_dino.yaml", "configs/digits_mokd.yaml"])
 def test_ssl_runs_on_cuda(tmp_path, config):
-    proc = run_cli("ssl", config, "epochs=2", "eval_every=2", f"out_dir={tmp_path}", *CUDA)
+    args = ["epochs=2", "eval_every=2", "amp=bf16", f"out_dir={tmp_path}"]
+    proc = run_cli("train", config, *args, *CUDA)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("evaluate", str(tmp_path), "--device", DEVICE)
+    s = summary(tmp_path)
+    assert s["knn_acc_a"] > 20.0 and s["device"].startswith(DEVICE)
+    # the checkpoint's model (a's EMA teacher + its linear probe) evaluates on the CPU as trained
+    proc = run_cli("evaluate", str(tmp_path), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
+    assert abs(json.loads(proc.stdout)["test_acc"] - s["linear_acc_a"]) < 1.0

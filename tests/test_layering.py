@@ -36,8 +36,6 @@ LAYERS: dict[str, int] = {
     "demo": 6,
     # the Python API (distill/train with objects) runs through the runner
     "api": 6,
-    # temporary: the SSL trainer folds into engine/runner and this module goes away
-    "ssl_train": 6,
     "commands": 7,
     "cli": 8,
     "__main__": 8,

@@ -1,4 +1,7 @@
-"""MOKD: T-head search target, frozen teachers, end-to-end run, exact resume."""
+"""MOKD: T-head search target, frozen teachers, cross terms, shipped configs, benchmark outputs.
+
+The end-to-end run and its exact resume are in tests/test_resume_ssl.py.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +11,48 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillkit.engine.checkpoint import load_checkpoint
+from distillkit.config import ConfigError, load_config
 from distillkit.methods.mokd import MOKD
 from distillkit.methods.ssl_heads import DINOHead, TransformerHead
-from distillkit.ssl_train import SSLTrainer, build_method, load_ssl_config, resume_ssl, run_ssl
 
 torch.set_num_threads(1)
 
 TINY_MOKD = [
     "method=mokd",
     "dataset=digits",
-    "a.name=resnet8",
-    "a.cross_weight=1.0",
-    "b.name=vit_tiny",
-    "b.kwargs={patch_size: 4, dim: 16, depth: 1, heads: 2}",
-    "b.optimizer=adamw",
-    "b.lr=0.0005",
-    "b.cross_weight=0.1",
-    "out_dim=32",
-    "head_hidden=16",
-    "head_bottleneck=8",
-    "thead_width=16",
-    "thead_depth=1",
-    "thead_heads=2",
-    "global_size=8",
-    "local_size=4",
-    "local_crops_number=2",
+    "model=resnet8",
+    "options.a.cross_weight=1.0",
+    "options.b.model=vit_tiny",
+    "options.b.model_kwargs={patch_size: 4, dim: 16, depth: 1, heads: 2}",
+    "options.b.optimizer=adamw",
+    "options.b.lr=0.0005",
+    "options.b.cross_weight=0.1",
+    "options.out_dim=32",
+    "options.head_hidden=16",
+    "options.head_bottleneck=8",
+    "options.thead_width=16",
+    "options.thead_depth=1",
+    "options.thead_heads=2",
+    "options.global_size=8",
+    "options.local_size=4",
+    "options.local_crops_number=2",
     "epochs=2",
     "batch_size=16",
-    "max_train_samples=48",
-    "warmup_teacher_temp_epochs=2",
-    "probe_steps=20",
+    "options.warmup_teacher_temp_epochs=2",
+    "options.probe_steps=20",
     "quiet=true",
     "device=cpu",
 ]
+
+
+def build_method(cfg):
+    """The distiller of a config, built as `distillkit train` builds it."""
+    from distillkit.data.datasets import load_dataset
+    from distillkit.runner import build_distiller, build_student
+
+    bundle = load_dataset(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    return build_distiller(cfg, build_student(cfg, bundle), None, bundle)
 
 
 def _thead() -> TransformerHead:
@@ -110,23 +121,20 @@ def test_thead_projection_head_separates_images_sharing_a_common_component():
 
 
 def test_thead_head_layers_from_config_and_rejects_negative():
-    cfg = load_ssl_config(None, [*TINY_MOKD, "thead_head_layers=2", "head_bn=true"])
-    from distillkit.data.datasets import load_dataset
-
-    method = build_method(cfg, load_dataset("digits"))
+    cfg = load_config(None, [*TINY_MOKD, "options.thead_head_layers=2", "options.head_bn=true"])
+    method = build_method(cfg)
     for m in method.members.values():
         head = m.student.thead.head
         assert isinstance(head, DINOHead)
         assert any(isinstance(x, torch.nn.BatchNorm1d) for x in head.modules())
-    with pytest.raises(Exception, match="thead_head_layers"):
-        load_ssl_config(None, [*TINY_MOKD, "thead_head_layers=-1"])
+    from distillkit.runner import check_config
+
+    with pytest.raises(ConfigError, match="options.thead_head_layers"):
+        check_config(load_config(None, [*TINY_MOKD, "options.thead_head_layers=-1"]))
 
 
 def _method_and_views():
-    cfg = load_ssl_config(None, TINY_MOKD)
-    from distillkit.data.datasets import load_dataset
-
-    method = build_method(cfg, load_dataset("digits"))
+    method = build_method(load_config(None, TINY_MOKD))
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(2)]
     views += [torch.randn(4, 1, 4, 4, generator=g) for _ in range(2)]
@@ -182,40 +190,22 @@ def test_cross_terms_are_lambda_weighted_and_search_uses_other_teacher():
     assert losses2["b"]["dino"].item() == pytest.approx(losses["b"]["dino"].item(), rel=1e-6)
 
 
-def test_mokd_runs_end_to_end_and_resume_is_exact(tmp_path):
-    straight = tmp_path / "straight"
-    summary = run_ssl(load_ssl_config(None, [*TINY_MOKD, f"out_dir={straight}"]))
-    final = json.loads((straight / "metrics.json").read_text())
-    assert final["method"] == "mokd" and final["models"]["b"]["model"] == "vit_tiny"
-    for key in ("knn_acc_a", "linear_acc_a", "knn_acc_b", "linear_acc_b"):
-        assert 0 <= final[key] <= 100 and final[key] == summary[key]
-
-    broken = tmp_path / "broken"
-    out = run_ssl(load_ssl_config(None, [*TINY_MOKD, f"out_dir={broken}"]), stop_after_epoch=1)
-    assert out == {"stopped_after_epoch": 1}
-    assert load_checkpoint(broken, which="last")["epoch"] == 1
-    resume_ssl(broken)
-
-    a = load_checkpoint(straight, which="last")
-    b = load_checkpoint(broken, which="last")
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
-    for key, value in a["method"].items():
-        assert torch.equal(value, b["method"][key]), key
-
-    def rows(run):
-        drop = {"epoch_time", "images_per_sec"}
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
-
-    assert rows(straight) == rows(broken)
-
-
 def test_trainer_rejects_uneven_global_batch(tmp_path):
     from distillkit.engine.distributed import DistContext
+    from distillkit.engine.trainer import Trainer
 
-    cfg = load_ssl_config(None, [*TINY_MOKD, "batch_size=15", f"out_dir={tmp_path}"])
+    cfg = load_config(None, [*TINY_MOKD, "batch_size=15", f"out_dir={tmp_path}"])
+    from distillkit.data.datasets import load_dataset
+
     with pytest.raises(ValueError, match="divisible"):
-        SSLTrainer(cfg, tmp_path, torch.device("cpu"), DistContext(rank=0, world_size=2))
+        Trainer(
+            cfg,
+            build_method(cfg),
+            load_dataset("digits"),
+            torch.device("cpu"),
+            tmp_path,
+            DistContext(rank=0, world_size=2),
+        )
 
 
 def _bench_module():
@@ -238,9 +228,23 @@ def test_benchmark_writes_partial_results_as_runs_finish(tmp_path):
     assert set(runs) == {"mokd", "dino_vit", "dino_cnn"}
     assert all(r["device"] == "cuda" and r["seed"] == 0 for r in runs.values())
     # the ViT alone and inside MOKD use the same recipe, and so do the two CNNs
-    assert runs["dino_vit"]["a"] == runs["mokd"]["b"] and runs["dino_cnn"]["a"] == runs["mokd"]["a"]
-    for data in runs.values():  # every run config is valid
-        bench.ssl_config_from_dict({**data, "out_dir": str(tmp_path / "x")})
+    vit_alone = runs["dino_vit"]
+    vit_recipe = {
+        **vit_alone["options"]["a"],
+        "model": vit_alone["model"],
+        "model_kwargs": vit_alone["model_kwargs"],
+    }
+    assert vit_recipe == runs["mokd"]["options"]["b"]
+    assert runs["dino_cnn"]["options"]["a"] == runs["mokd"]["options"]["a"]
+    assert runs["dino_cnn"]["model"] == runs["mokd"]["model"] == "resnet8"
+    from distillkit.config import config_from_dict
+    from distillkit.runner import check_config
+
+    for data in runs.values():  # every run config is valid, options included
+        cfg = config_from_dict({**data, "out_dir": str(tmp_path / "x")})
+        check_config(cfg)
+        # 256 of the 60000 training images, in equal batches
+        assert round(cfg.subset.fraction * 60000) == 256 and cfg.drop_last
 
     # two of six runs finished (one failed): the table has what is there, n says how much
     per_run = {
@@ -269,14 +273,15 @@ def test_benchmark_writes_partial_results_as_runs_finish(tmp_path):
 def test_digits_configs_build_and_take_one_step(config):
     from pathlib import Path
 
-    from distillkit.data.datasets import load_dataset
     from distillkit.data.multicrop import MultiCrop
 
-    cfg = load_ssl_config(Path(__file__).resolve().parents[1] / config, ["device=cpu"])
-    method = build_method(cfg, load_dataset("digits"))
-    crop = MultiCrop(cfg.global_size, cfg.local_size, cfg.local_crops_number)
+    cfg = load_config(Path(__file__).resolve().parents[1] / config, ["device=cpu"])
+    assert cfg.drop_last and not cfg.augment
+    method = build_method(cfg)
+    o = method.options
+    crop = MultiCrop(o.global_size or 8, o.local_size, o.local_crops_number)
     views = crop(torch.rand(8, 1, 8, 8), torch.Generator().manual_seed(0))
-    losses = method.compute_losses(views, cfg.warmup_teacher_temp)
+    losses = method.compute_losses(views, o.warmup_teacher_temp)
     total = sum(sum(t.values()) for t in losses.values())
     assert torch.isfinite(total)
     total.backward()

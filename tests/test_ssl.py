@@ -1,4 +1,4 @@
-"""DINO components: loss, centering, EMA, schedules, multi-crop, k-NN and linear probe, DINO runs."""
+"""DINO components: loss, centering, EMA, schedules, multi-crop, k-NN and linear probe, options."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from distillkit.config import ConfigError
+from distillkit.config import ConfigError, load_config
 from distillkit.data.multicrop import MultiCrop, random_resized_crop
-from distillkit.engine.evaluation import knn_accuracy, knn_predict, linear_probe_accuracy
-from distillkit.methods.dino import DINO, dino_loss, ema_update, updated_center
+from distillkit.data.transforms import BatchShard
+from distillkit.methods.dino import DINO, DINOOptions, dino_loss, ema_update, updated_center
+from distillkit.methods.ssl_eval import (
+    fit_linear_probe,
+    knn_accuracy,
+    knn_predict,
+    linear_probe_accuracy,
+)
 from distillkit.methods.ssl_heads import (
     DINOHead,
     SSLBackbone,
@@ -23,27 +29,52 @@ from distillkit.methods.ssl_heads import (
 )
 from distillkit.methods.ssl_schedules import ema_momentum, teacher_temperature
 from distillkit.models import build_model
-from distillkit.ssl_train import load_ssl_config, run_ssl, ssl_config_from_dict
 
 torch.set_num_threads(1)
 
+# the run's `model` is DINO's model a; everything self-supervised is under options
 TINY = [
+    "method=dino",
     "dataset=digits",
-    "a.name=resnet8",
-    "out_dim=64",
-    "head_hidden=32",
-    "head_bottleneck=16",
-    "global_size=8",
-    "local_size=4",
-    "local_crops_number=2",
+    "model=resnet8",
+    "augment=false",
+    "drop_last=true",
+    "subset.method=random",
+    "subset.per_class=false",
+    "subset.fraction=0.0713",
     "epochs=2",
     "batch_size=32",
-    "max_train_samples=96",
-    "warmup_teacher_temp_epochs=1",
-    "probe_steps=20",
+    "options.out_dim=64",
+    "options.head_hidden=32",
+    "options.head_bottleneck=16",
+    "options.global_size=8",
+    "options.local_size=4",
+    "options.local_crops_number=2",
+    "options.warmup_teacher_temp_epochs=1",
+    "options.probe_steps=20",
     "quiet=true",
     "device=cpu",
 ]
+
+
+def build(overrides: list[str]):
+    """The DINO / MOKD distiller of a config, built as `distillkit train` builds it."""
+    from distillkit.data.datasets import load_dataset
+    from distillkit.runner import build_distiller, build_student
+
+    cfg = load_config(None, overrides)
+    bundle = load_dataset(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    return build_distiller(cfg, build_student(cfg, bundle), None, bundle)
+
+
+def trainer_for(overrides: list[str], run_dir):
+    """A Trainer around the config's distiller (nothing trained yet)."""
+    from distillkit.engine.trainer import Trainer
+    from distillkit.runner import prepare
+
+    p = prepare(load_config(None, [*overrides, f"out_dir={run_dir}"]))
+    return Trainer(p.cfg, p.distiller, p.bundle, p.device, p.run_dir, p.ctx, p.train_indices)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -100,7 +131,7 @@ def _member(out_dim: int = 6) -> SSLMember:
 
 
 def test_dino_step_updates_center_with_teacher_batch_mean():
-    method = DINO({"a": _member()}, center_momentum=0.9)
+    method = DINO({"a": _member()}, DINOOptions(center_momentum=0.9))
     m = method.members["a"]
     m.center_head = torch.arange(6, dtype=torch.float32).view(1, 6)
     g = torch.Generator().manual_seed(1)
@@ -184,64 +215,81 @@ def test_linear_probe_separable_features():
     )
 
 
-def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="a.lrr"):
-        ssl_config_from_dict({"a": {"lrr": 0.1}})
-    with pytest.raises(ConfigError, match="unknown config key 'epochz'"):
-        ssl_config_from_dict({"epochz": 3})
-    with pytest.raises(ConfigError, match="set `b`"):
-        ssl_config_from_dict({"method": "mokd"})
-    with pytest.raises(ConfigError, match="local_crops_scale"):
-        ssl_config_from_dict({"local_crops_scale": [0.5, 0.1]})
+def test_multicrop_of_a_shard_is_that_shard_of_the_global_views():
+    # under torchrun each rank crops only its rows, with the draws of the whole global batch: the
+    # views then equal the single-process views row for row, whatever the number of processes
+    x = torch.rand(6, 3, 8, 8)
+    mc = MultiCrop(8, 4, local_number=2)
+    whole = mc(x, torch.Generator().manual_seed(5))
+    for rank, rows in enumerate((slice(0, 3), slice(3, 6))):
+        shard = BatchShard.from_counts((3, 3), rank)
+        part = mc(x[rows], torch.Generator().manual_seed(5), shard)
+        for v, w in zip(part, whole, strict=True):
+            assert torch.allclose(v, w[rows], atol=1e-6)
 
 
-def test_dino_killed_after_epoch_1_and_resumed_equals_straight_run(tmp_path):
-    """DINO end to end: killed by the CLI test hook after epoch 1, resumed with `ssl --resume`."""
-    import signal
-
-    from distillkit.cli import main
-    from distillkit.engine.checkpoint import load_checkpoint
-    from tests.helpers import cli_env, run_cli
-
-    killed = tmp_path / "killed"
-    args = ["ssl", *TINY, "method=dino", f"out_dir={killed}"]
-    proc = run_cli(*args, env=cli_env(DISTILLKIT_KILL_AFTER_EPOCH="1"))
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert not (killed / "metrics.json").exists()
-    assert main(["ssl", "--resume", str(killed), "--quiet"]) == 0
-
-    straight = tmp_path / "straight"
-    summary = run_ssl(load_ssl_config(None, [*TINY, "method=dino", f"out_dir={straight}"]))
-    for name in (
-        "config.yaml",
-        "metrics.jsonl",
-        "metrics.json",
-        "checkpoints/last.pt",
-        "checkpoints/best.pt",
-    ):
-        assert (straight / name).is_file(), name
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert "loss_a_dino" in rows[0] and math.isfinite(rows[0]["loss_a_dino"])
-    final = json.loads((straight / "metrics.json").read_text())
-    assert final["kind"] == "ssl" and final["method"] == "dino"
-    assert 0 <= final["knn_acc_a"] <= 100 and 0 <= final["linear_acc_a"] <= 100
-    assert final["knn_acc_a"] == summary["knn_acc_a"]
-    a, b = load_checkpoint(straight, "last"), load_checkpoint(killed, "last")
-    assert a["epoch"] == b["epoch"] == 2
-    for key, value in a["method"].items():
-        assert torch.equal(value, b["method"][key]), key
-    ja = json.loads((straight / "metrics.json").read_text())
-    jb = json.loads((killed / "metrics.json").read_text())
-    assert ja["knn_acc_a"] == jb["knn_acc_a"] and ja["linear_acc_a"] == jb["linear_acc_a"]
+def test_fit_linear_probe_folds_standardisation_into_the_weights():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[4.0, 0.0, 1.0], [0.0, 4.0, 1.0], [-4.0, -4.0, 1.0]])
+    y = torch.arange(3).repeat(30)
+    x = 3.0 + centers[y] * torch.tensor([1.0, 10.0, 0.1]) + 0.3 * torch.randn(90, 3, generator=g)
+    weight, bias = fit_linear_probe(x[:60], y[:60], 3, steps=50, l2=1e-4)
+    assert weight.shape == (3, 3) and bias.shape == (3,)
+    pred = (x[60:].double() @ weight.T + bias).argmax(1)
+    acc = 100.0 * (pred == y[60:]).double().mean().item()
+    assert acc == pytest.approx(linear_probe_accuracy(x[:60], y[:60], x[60:], y[60:], 3, 50))
+    assert acc == pytest.approx(100.0)
 
 
-def test_cli_rejects_unknown_key(tmp_path, capsys):
+def test_methods_command_lists_dino_and_mokd(capsys):
     from distillkit.cli import main
 
-    assert main(["ssl", "method=dino", "a.lrr=0.1", f"out_dir={tmp_path / 'x'}"]) == 2
+    assert main(["methods"]) == 0
+    names = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert {"dino", "mokd"} <= names
+
+
+def check(overrides: list[str]) -> None:
+    """Validate a config as `distillkit train` does before it builds anything."""
+    from distillkit.runner import check_config
+
+    check_config(load_config(None, overrides))
+
+
+def test_options_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"'options.a.lrr' \(did you mean 'options.a.lr'\?\)"):
+        check(["method=dino", "options.a.lrr=0.1"])
+    with pytest.raises(ConfigError, match="unknown config key 'options.epochz'"):
+        check(["method=dino", "options.epochz=3"])
+    with pytest.raises(ConfigError, match="options.b"):
+        check(["method=mokd"])
+    with pytest.raises(ConfigError, match="options.b"):
+        check(["method=dino", "options.b.model=vit_tiny"])
+    with pytest.raises(ConfigError, match="options.local_crops_scale"):
+        check(["method=dino", "options.local_crops_scale=[0.5, 0.1]"])
+    with pytest.raises(ConfigError, match="options.b.model.*vit_tinny"):
+        check(["method=mokd", "options.b.model=vit_tinny"])
+    with pytest.raises(ConfigError, match="options.a.model"):
+        check(["method=dino", "options.a.model=vit_tiny"])
+    check(TINY)  # and a good one passes
+
+
+def test_run_level_optimiser_keys_are_refused_with_their_new_place(tmp_path):
+    # each model's optimiser is options.a / options.b: a top-level lr would be silently unused
+    from distillkit.cli import main
+
+    for key in ("lr=0.1", "optimizer=adamw", "weight_decay=0.1", "grad_clip=1.0"):
+        assert main(["train", *TINY, key, f"out_dir={tmp_path / 'x'}"]) == 2, key
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_rejects_unknown_option(tmp_path, capsys):
+    from distillkit.cli import main
+
+    assert main(["train", "method=dino", "options.a.lrr=0.1", f"out_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
-    assert "unknown config key 'a.lrr' (did you mean 'a.lr'?)" in err
+    assert "unknown config key 'options.a.lrr' (did you mean 'options.a.lr'?)" in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
 
@@ -263,72 +311,69 @@ def test_head_batchnorm_option_separates_samples():
 
     assert mean_cos(plain) > 0.95
     assert mean_cos(with_bn) < 0.5
-    cfg = load_ssl_config(None, [*TINY, "head_bn=true"])
-    assert cfg.head_bn
 
 
-def test_scale_lr_follows_the_batch_over_256_rule_in_the_trainer(tmp_path):
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_scale_lr_and_schedules_through_the_trainer(tmp_path):
     # TINY: 96 images / batch 32 = 3 steps per epoch, 2 epochs; lr 0.256 per 256 images -> 0.032
-    from distillkit.ssl_train import SSLTrainer
-
-    cfg = load_ssl_config(
-        None,
+    trainer = trainer_for(
         [
             *TINY,
-            "a.lr=0.256",
-            "a.min_lr=0.0256",
-            "a.scale_lr=true",
-            "a.warmup_epochs=1",
-            "a.optimizer=adamw",
-            "a.weight_decay=0.04",
-            "a.weight_decay_end=0.4",
+            "options.a.lr=0.256",
+            "options.a.min_lr=0.0256",
+            "options.a.scale_lr=true",
+            "options.a.warmup_epochs=1",
+            "options.a.optimizer=adamw",
+            "options.a.weight_decay=0.04",
+            "options.a.weight_decay_end=0.4",
         ],
+        tmp_path,
     )
-    assert cfg.a.effective_lr(32) == pytest.approx((0.032, 0.0032))
-    assert load_ssl_config(None, TINY).a.effective_lr(32) == (0.03, 0.0)
-    trainer = SSLTrainer(cfg, tmp_path, torch.device("cpu"))
-    expected = {
-        0: 0.032 / 3,  # linear warm-up over the first 3 steps: (step + 1) / 3
-        1: 0.032 * 2 / 3,
-        2: 0.032,
+    expected = [
+        0.032 / 3,  # linear warm-up over the first 3 steps: (step + 1) / 3
+        0.032 * 2 / 3,
+        0.032,
         # cosine over the 3 steps after warm-up: 0.0032 + 0.0288 * (1 + cos(pi * k / 3)) / 2
-        4: 0.0032 + 0.0288 * 0.75,
-        5: 0.0032 + 0.0288 * 0.25,
-    }
-    for step, lr in expected.items():
-        trainer.step = step
-        assert trainer._set_schedules("a") == pytest.approx(lr)
-        groups = trainer.optimizers["a"].param_groups
+        0.032,
+        0.0032 + 0.0288 * 0.75,
+        0.0032 + 0.0288 * 0.25,
+    ]
+    (opt,) = trainer.opts
+    (sched,) = trainer.schedulers
+    method = trainer.distiller
+    assert opt.name == "a" and isinstance(opt.optimizer, torch.optim.AdamW)
+    for step, lr in enumerate(expected):
+        method.apply_weight_decay(opt, step)
+        groups = opt.optimizer.param_groups
         assert groups[0]["lr"] == pytest.approx(lr) and groups[1]["lr"] == pytest.approx(lr)
         # weight decay: cosine from 0.04 to 0.4 over all 6 steps, none on biases and norms
         wd = 0.4 + (0.04 - 0.4) * (1 + math.cos(math.pi * step / 6)) / 2
         assert groups[0]["weight_decay"] == pytest.approx(wd) and groups[1]["weight_decay"] == 0
+        sched.step()
 
 
 def test_head_bn_per_model_overrides_the_run_setting():
-    from distillkit.data.datasets import load_dataset
-    from distillkit.ssl_train import build_method
-
     def n_bn(overrides: list[str]) -> int:
-        cfg = load_ssl_config(None, [*TINY, *overrides])
-        head = build_method(cfg, load_dataset("digits")).members["a"].student.head
+        head = build([*TINY, *overrides]).members["a"].student.head
         return sum(isinstance(m, nn.BatchNorm1d) for m in head.modules())
 
-    assert n_bn(["head_bn=true"]) == 2  # head_layers 3: two hidden layers
-    assert n_bn(["head_bn=true", "a.head_bn=false"]) == 0
-    assert n_bn(["head_bn=false", "a.head_bn=true"]) == 2
+    assert n_bn(["options.head_bn=true"]) == 2  # head_layers 3: two hidden layers
+    assert n_bn(["options.head_bn=true", "options.a.head_bn=false"]) == 0
+    assert n_bn(["options.head_bn=false", "options.a.head_bn=true"]) == 2
     assert n_bn([]) == 0
 
 
 def test_freeze_last_layer_holds_only_the_last_layer_in_the_first_epochs(tmp_path):
-    from distillkit.ssl_train import SSLTrainer
-
-    cfg = load_ssl_config(
-        None,
-        [*TINY, "a.freeze_last_layer=1", "a.optimizer=adamw", "a.lr=0.001", "a.warmup_epochs=0"],
+    trainer = trainer_for(
+        [
+            *TINY,
+            "options.a.freeze_last_layer=1",
+            "options.a.optimizer=adamw",
+            "options.a.lr=0.001",
+        ],
+        tmp_path,
     )
-    trainer = SSLTrainer(cfg, tmp_path, torch.device("cpu"))
-    student = trainer.method.members["a"].student
+    student = trainer.distiller.members["a"].student
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
@@ -346,20 +391,21 @@ def test_freeze_last_layer_holds_only_the_last_layer_in_the_first_epochs(tmp_pat
 
 
 def test_ssl_modules_import_only_from_their_layer():
-    # the split by responsibility keeps views in the data layer, evaluators in the engine and
-    # DINO/MOKD in methods: none of them may reach up to the run loop or the commands
+    # views in the data layer, k-NN / probe and DINO/MOKD in methods (below the engine, which
+    # only re-exports the evaluators): none of them may reach up to the engine or the commands
     import ast
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "src" / "distillkit"
     allowed = {
         "data/multicrop.py": ("distillkit.data",),
-        "engine/evaluation.py": ("distillkit.data", "distillkit.engine"),
+        "engine/evaluation.py": ("distillkit.data", "distillkit.engine", "distillkit.methods"),
+        "methods/ssl_eval.py": ("distillkit.data",),
         "methods/ssl_schedules.py": (),
-        "methods/ssl_heads.py": ("distillkit.models",),
+        "methods/ssl_heads.py": ("distillkit.models", "distillkit.methods"),
         "methods/dino.py": (
-            "distillkit.config",
             "distillkit.data",
+            "distillkit.errors",
             "distillkit.models",
             "distillkit.methods",
         ),
@@ -378,3 +424,76 @@ def test_ssl_modules_import_only_from_their_layer():
                 if name.startswith("distillkit"):
                     assert name.startswith(prefixes), f"{path} imports {name}"
     assert not (root / "methods" / "ssl.py").exists()
+    assert not (root / "ssl_train.py").exists()
+
+
+def test_ssl_command_is_an_alias_of_train(tmp_path):
+    from distillkit.cli import main
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "epochs=1", "options.probe_steps=5", f"out_dir={run_dir}"]
+    assert main(["ssl", *args]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["method"] == "dino"
+    help_text = build_help("ssl")
+    assert "alias" in help_text and "train" in help_text
+
+
+def build_help(command: str) -> str:
+    from distillkit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return {c.dest: c.help for c in sub._choices_actions}[command]
+
+
+# A model without BatchNorm (LayerNorm is per sample): what is left between one process and two
+# is the order of float additions. 64 of the digits, 2 global steps of 32 per epoch.
+DDP = [
+    "method=dino",
+    "model=vit_tiny",
+    "model_kwargs={patch_size: 4, dim: 16, depth: 1, heads: 2}",
+    "augment=false",
+    "drop_last=true",
+    "subset.method=random",
+    "subset.per_class=false",
+    "subset.fraction=0.0476",
+    "epochs=2",
+    "batch_size=32",
+    "options.out_dim=32",
+    "options.head_hidden=16",
+    "options.head_bottleneck=8",
+    "options.local_size=4",
+    "options.local_crops_number=2",
+    "options.probe_steps=5",
+    "options.a.optimizer=adamw",
+    "options.a.lr=0.001",
+    "options.a.weight_decay=0.04",
+    "device=cpu",
+]
+
+
+@pytest.mark.slow
+def test_two_process_dino_matches_single_process(tmp_path):
+    import subprocess
+    import sys
+
+    from distillkit.engine.checkpoint import load_checkpoint
+    from distillkit.runner import run
+    from tests.helpers import cli_env, read_rows
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run(load_config(None, [*DDP, "quiet=true", f"out_dir={single}"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "distillkit", "train", *DDP, f"out_dir={ddp}", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=240)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "terminate called" not in proc.stderr
+    final = json.loads((ddp / "metrics.json").read_text())
+    assert final["world_size"] == 2 and final["train_samples"] == 64
+    a, b = load_checkpoint(single, "last"), load_checkpoint(ddp, "last")
+    assert a["global_step"] == b["global_step"] == 4
+    for key, value in a["distiller"].items():
+        torch.testing.assert_close(value, b["distiller"][key], atol=1e-5, rtol=1e-4, msg=key)
+    for ra, rb in zip(read_rows(single), read_rows(ddp), strict=True):
+        assert abs(ra["loss_a_dino"] - rb["loss_a_dino"]) < 1e-4
+        assert abs(ra["knn_acc_a"] - rb["knn_acc_a"]) < 0.5

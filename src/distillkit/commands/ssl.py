@@ -1,14 +1,15 @@
-"""`distillkit ssl CONFIG [key=value...]`: self-supervised training, DINO alone or MOKD for a pair.
+"""`distillkit ssl CONFIG [key=value...]`: an alias of `train` kept for existing scripts.
 
-`distillkit ssl --resume RUN_DIR [epochs=N]` continues a run exactly from checkpoints/last.pt.
-Works under torchrun (`torchrun --nproc-per-node 2 -m distillkit ssl configs/digits_mokd.yaml`).
+Self-supervised runs (method dino or mokd) are ordinary runs of the one Trainer:
+`distillkit train configs/digits_mokd.yaml` trains them, `distillkit resume RUN_DIR` continues
+them (`ssl --resume RUN_DIR` does the same) and `distillkit evaluate RUN_DIR` evaluates them.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from distillkit.commands.common import add_run_args, print_result, split_config_arg
+from distillkit.commands.common import add_run_args
 from distillkit.errors import UsageError
 
 
@@ -16,46 +17,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `ssl` subcommand."""
     p = subparsers.add_parser(
         "ssl",
-        help="self-supervised training without labels: DINO (one model) or MOKD (two models)",
+        help="alias of `train` (self-supervised configs: method dino or mokd)",
         description=(
-            "Train self-supervised representations (method=dino for model `a`, method=mokd for "
-            "models `a` and `b`). Labels are used only to evaluate the EMA teachers (k-NN and "
-            "linear probe). Overrides address models as a.lr=0.1 b.name=vit_tiny."
+            "Same as `distillkit train`: self-supervised methods (dino, mokd) are run by the "
+            "one trainer. `--resume RUN_DIR` is `distillkit resume RUN_DIR`."
         ),
     )
     add_run_args(p)
-    p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an SSL run from its last checkpoint"
-    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="same as `distillkit resume RUN_DIR`")
     p.set_defaults(func=cmd_ssl)
 
 
 def cmd_ssl(args: argparse.Namespace) -> int:
-    """Run (or resume) an SSL config and print its summary."""
-    from pathlib import Path
+    """Run a config like `train`, or continue a run like `resume`."""
+    from distillkit.commands.common import format_json, is_main_rank, split_config_arg
+    from distillkit.commands.train import run_config
 
-    from distillkit.config import parse_overrides
-    from distillkit.runner import RunInterrupted, interrupted_message
-    from distillkit.ssl_train import load_ssl_config, resume_ssl, run_ssl
-
+    if not args.resume:
+        return run_config(args)
     config, overrides = split_config_arg(args)
-    if args.resume:
-        if config is not None:
-            raise UsageError(
-                "--resume takes the run directory's own config; pass only key=value overrides"
-            )
-        run_dir = Path(args.resume)
-        quiet = args.quiet
-    else:
-        cfg = load_ssl_config(config, overrides)
-        run_dir = cfg.run_dir()
-        quiet = cfg.quiet
-    try:
-        if args.resume:
-            summary = resume_ssl(args.resume, parse_overrides(overrides))
-        else:
-            summary = run_ssl(cfg)
-    except KeyboardInterrupt:
-        raise RunInterrupted(interrupted_message(run_dir)) from None
-    print_result(summary, quiet=quiet)
+    if config is not None:
+        raise UsageError(
+            "--resume takes the run directory's own config; pass only key=value overrides"
+        )
+    from distillkit.config import parse_overrides
+    from distillkit.runner import resume
+
+    summary = resume(args.resume, parse_overrides(overrides))
+    if not args.quiet and is_main_rank():
+        print(format_json(summary))
     return 0

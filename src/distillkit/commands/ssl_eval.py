@@ -1,28 +1,28 @@
-"""`distillkit ssl-eval TARGET`: k-NN and linear-probe accuracy of an SSL run's EMA teachers."""
+"""`distillkit ssl-eval TARGET`: an alias of `evaluate`, kept for existing scripts.
+
+A self-supervised run's checkpoint holds model a's EMA teacher with its linear probe as the
+classifier, so `evaluate` gives the probe's test accuracy like any classifier's.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from distillkit.commands.common import format_json
+
+class _AsAlias:
+    """Lends `evaluate`'s register() a subparsers object that names the parser `ssl-eval`."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction):
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["help"] = f"alias of `{name}`"
+        return self.subparsers.add_parser("ssl-eval", **kwargs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `ssl-eval` subcommand."""
-    p = subparsers.add_parser(
-        "ssl-eval", help="k-NN and linear-probe accuracy of an SSL run directory or checkpoint"
-    )
-    p.add_argument("target", help="SSL run directory or .pt checkpoint")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--which", default="best", choices=("best", "last"))
-    p.set_defaults(func=cmd_ssl_eval)
+    """Add the `ssl-eval` subcommand: the arguments and function of `evaluate`."""
+    from distillkit.commands.evaluate import register as register_evaluate
 
-
-def cmd_ssl_eval(args: argparse.Namespace) -> int:
-    """Evaluate and print JSON."""
-    from distillkit.ssl_train import evaluate_ssl_checkpoint
-
-    result = evaluate_ssl_checkpoint(args.target, args.data_dir, args.device, args.which)
-    print(format_json(result))
-    return 0
+    register_evaluate(_AsAlias(subparsers))  # type: ignore[arg-type]

@@ -2,7 +2,9 @@
 
 2 global + N local random-resized crops with DINO's photometric augmentations (colour jitter,
 Gaussian blur, solarisation). Every random number comes from a CPU generator the caller passes
-in, so a (seed, epoch, rank)-derived generator makes the views exact on any device.
+in, so a (seed, epoch)-derived generator makes the views exact on any device. Given a BatchShard
+(one process's rows of a global batch), the numbers are drawn for the whole global batch and each
+process keeps its rows: the views are those of a single-process run, whatever the world size.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .transforms import BatchShard
 
 
 @dataclass
@@ -34,8 +38,14 @@ class MultiCrop:
     blur: bool = True
     solarize: bool = True
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        """Views in [0, 1]: [global_1, global_2, local_1, ..., local_N]."""
+    def __call__(
+        self, x: torch.Tensor, gen: torch.Generator, shard: BatchShard | None = None
+    ) -> list[torch.Tensor]:
+        """Views in [0, 1]: [global_1, global_2, local_1, ..., local_N].
+
+        With `shard`, x holds the rows `shard.positions` of a global batch of `shard.total`.
+        """
+        rows = _Rows.of(x, shard)
         # DINO's per-view probabilities: blur always on view 1, rarely on view 2 (which may be
         # solarised instead), half the time on local views
         plan = [
@@ -45,18 +55,43 @@ class MultiCrop:
         plan += [(self.local_size, self.local_scale, 0.5, 0.0)] * self.local_number
         views = []
         for size, scale, p_blur, p_sol in plan:
-            v = random_resized_crop(x, size, scale, gen, flip=self.flip)
-            v = color_jitter(v, self.jitter, gen)
+            v = random_resized_crop(x, size, scale, gen, flip=self.flip, rows=rows)
+            v = color_jitter(v, self.jitter, gen, rows=rows)
             if self.blur and p_blur > 0:
-                v = gaussian_blur(v, p_blur, self.blur_sigma, gen)
+                v = gaussian_blur(v, p_blur, self.blur_sigma, gen, rows=rows)
             if self.solarize and p_sol > 0:
-                v = solarize(v, p_sol, gen)
+                v = solarize(v, p_sol, gen, rows=rows)
             views.append(v)
         return views
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=gen, dtype=torch.float64)
+@dataclass(frozen=True)
+class _Rows:
+    """How many per-sample numbers to draw (the global batch) and which of them x's rows take."""
+
+    total: int
+    pick: torch.Tensor | None = None  # None: all of them, in order
+
+    @classmethod
+    def of(cls, x: torch.Tensor, shard: BatchShard | None) -> _Rows:
+        if shard is None:
+            return cls(int(x.shape[0]))
+        if len(shard.positions) != x.shape[0]:
+            raise ValueError(f"the shard has {len(shard.positions)} rows, the images {x.shape[0]}")
+        return cls(shard.total, shard.positions)
+
+    def rand(self, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """U[0, 1) per row of x, drawn for the whole batch."""
+        r = torch.rand(self.total, generator=gen, dtype=dtype)
+        return r if self.pick is None else r[self.pick]
+
+    def uniform(self, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+        """U[low, high) in float64 per row of x, drawn for the whole batch."""
+        return low + (high - low) * self.rand(gen, torch.float64)
+
+
+def _rows(x: torch.Tensor, rows: _Rows | None) -> _Rows:
+    return rows if rows is not None else _Rows(int(x.shape[0]))
 
 
 def random_resized_crop(
@@ -66,20 +101,22 @@ def random_resized_crop(
     gen: torch.Generator,
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     flip: bool = True,
+    rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Per-sample random crop of area fraction in `scale`, aspect in `ratio`, resized to `size`."""
     b = x.shape[0]
-    area = _uniform(b, scale[0], scale[1], gen)
-    log_r = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), gen)
+    rows = _rows(x, rows)
+    area = rows.uniform(scale[0], scale[1], gen)
+    log_r = rows.uniform(math.log(ratio[0]), math.log(ratio[1]), gen)
     r = torch.exp(log_r)
     # crop side lengths as fractions of the image side; clamped crops just keep a valid window
     w = torch.sqrt(area * r).clamp(max=1.0)
     h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (1 - w) * (2 * torch.rand(b, generator=gen, dtype=torch.float64) - 1)
-    cy = (1 - h) * (2 * torch.rand(b, generator=gen, dtype=torch.float64) - 1)
+    cx = (1 - w) * (2 * rows.rand(gen, torch.float64) - 1)
+    cy = (1 - h) * (2 * rows.rand(gen, torch.float64) - 1)
     sign = torch.ones(b, dtype=torch.float64)
     if flip:
-        sign = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0).double()
+        sign = torch.where(rows.rand(gen) < 0.5, -1.0, 1.0).double()
     theta = torch.zeros(b, 2, 3, dtype=torch.float64)
     theta[:, 0, 0] = w * sign
     theta[:, 0, 2] = cx
@@ -91,17 +128,22 @@ def random_resized_crop(
 
 
 def color_jitter(
-    x: torch.Tensor, strength: float, gen: torch.Generator, p: float = 0.8
+    x: torch.Tensor,
+    strength: float,
+    gen: torch.Generator,
+    p: float = 0.8,
+    rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Brightness and contrast (and saturation/grayscale for RGB) jitter, per sample."""
     b, c = x.shape[:2]
     if strength <= 0:
         return x
-    apply = (torch.rand(b, generator=gen) < p).to(x.dtype)
-    bright = _uniform(b, 1 - strength, 1 + strength, gen).to(x.dtype)
-    contrast = _uniform(b, 1 - strength, 1 + strength, gen).to(x.dtype)
-    sat = _uniform(b, 1 - strength, 1 + strength, gen).to(x.dtype)
-    gray_coin = (torch.rand(b, generator=gen) < 0.2).to(x.dtype)
+    rows = _rows(x, rows)
+    apply = (rows.rand(gen) < p).to(x.dtype)
+    bright = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
+    contrast = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
+    sat = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
+    gray_coin = (rows.rand(gen) < 0.2).to(x.dtype)
     dev = x.device
     bright = (1 + apply * (bright - 1)).to(dev).view(b, 1, 1, 1)
     contrast = (1 + apply * (contrast - 1)).to(dev).view(b, 1, 1, 1)
@@ -119,12 +161,18 @@ def color_jitter(
 
 
 def gaussian_blur(
-    x: torch.Tensor, p: float, sigma: Sequence[float], gen: torch.Generator, radius: int = 1
+    x: torch.Tensor,
+    p: float,
+    sigma: Sequence[float],
+    gen: torch.Generator,
+    radius: int = 1,
+    rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample sigma, applied with probability `p`."""
     b, c, h, w = x.shape
-    coin = (torch.rand(b, generator=gen) < p).to(x.dtype)
-    s = _uniform(b, sigma[0], sigma[1], gen).to(x.dtype)
+    rows = _rows(x, rows)
+    coin = (rows.rand(gen) < p).to(x.dtype)
+    s = rows.uniform(sigma[0], sigma[1], gen).to(x.dtype)
     offs = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-(offs[None] ** 2) / (2 * s[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)
@@ -139,8 +187,12 @@ def gaussian_blur(
 
 
 def solarize(
-    x: torch.Tensor, p: float, gen: torch.Generator, threshold: float = 0.5
+    x: torch.Tensor,
+    p: float,
+    gen: torch.Generator,
+    threshold: float = 0.5,
+    rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Invert pixels above `threshold`, per sample with probability `p`."""
-    coin = (torch.rand(x.shape[0], generator=gen) < p).to(x.device).view(-1, 1, 1, 1)
+    coin = (_rows(x, rows).rand(gen) < p).to(x.device).view(-1, 1, 1, 1)
     return torch.where(coin & (x >= threshold), 1.0 - x, x)

@@ -1,9 +1,12 @@
-"""Evaluation: test accuracy of a classifier, and k-NN / linear-probe accuracy of frozen features."""
+"""Evaluation: test accuracy of a classifier, and k-NN / linear-probe accuracy of frozen features.
+
+The k-NN and linear-probe evaluators live with the self-supervised methods that use them
+(`methods/ssl_eval.py`, below the engine) and are re-exported here.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,30 @@ from torch import nn
 from distillkit.data.datasets import DataBundle, Split
 from distillkit.data.transforms import normalize, to_float
 from distillkit.engine.distributed import DistContext, all_reduce_sum
+from distillkit.methods.ssl_eval import (
+    eval_subset,
+    extract_features,
+    fit_linear_probe,
+    knn_accuracy,
+    knn_predict,
+    linear_probe_accuracy,
+    probe_accuracies,
+    probe_accuracy,
+    probe_report,
+)
+
+__all__ = [
+    "eval_subset",
+    "evaluate",
+    "extract_features",
+    "fit_linear_probe",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe_accuracy",
+    "probe_accuracies",
+    "probe_accuracy",
+    "probe_report",
+]
 
 
 @torch.no_grad()
@@ -45,136 +72,3 @@ def evaluate(
     correct, loss_sum, count = all_reduce_sum([correct, loss_sum, float(len(order))], ctx, device)
     model.train(was_training)
     return {"acc": 100.0 * correct / max(count, 1.0), "loss": loss_sum / max(count, 1.0)}
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module,
-    images: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    batch_size: int = 512,
-) -> torch.Tensor:
-    """Embeddings (N, D) of uint8 images (N, C, H, W) with the backbone in eval mode."""
-    was = backbone.training
-    backbone.eval()
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    feats = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device).float().div_(255.0)
-        out = backbone((x - m) / s)
-        emb = out[0] if isinstance(out, tuple) else out
-        feats.append(emb.float().cpu())
-    backbone.train(was)
-    return torch.cat(feats) if feats else torch.zeros(0, 0)
-
-
-@torch.no_grad()
-def knn_predict(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """Weighted k-NN (DINO): cosine similarity, the k nearest vote with weight exp(sim / T)."""
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    k = min(k, train.shape[0])
-    preds = []
-    for start in range(0, test.shape[0], chunk):
-        sim = test[start : start + chunk] @ train.T
-        top, idx = sim.topk(k, dim=1)
-        weights = (top / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
-        votes.scatter_add_(1, train_labels[idx], weights)
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
-
-
-def knn_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-) -> float:
-    """Top-1 accuracy (%) of the weighted k-NN classifier."""
-    pred = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
-    return 100.0 * (pred == test_labels).double().mean().item()
-
-
-def linear_probe_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    steps: int = 100,
-    l2: float = 1e-4,
-) -> float:
-    """Test accuracy (%) of a multinomial logistic regression on standardised frozen features.
-
-    Full-batch L-BFGS from zero weights: deterministic and free of learning-rate tuning.
-    """
-    x = train_features.double()
-    mu, sd = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
-    x = (x - mu) / sd
-    xt = (test_features.double() - mu) / sd
-    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, train_labels) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        pred = (xt @ w + b).argmax(1)
-    return 100.0 * (pred == test_labels).double().mean().item()
-
-
-def eval_subset(split: Split, limit: int | None, seed: int) -> Split:
-    """The whole split, or a fixed random `limit` of it (same subset at every evaluation)."""
-    if limit is None or limit >= len(split):
-        return split
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Split(split.images[idx], split.labels[idx])
-
-
-def probe_accuracies(
-    backbone: nn.Module,
-    train: Split,
-    test: Split,
-    bundle: DataBundle,
-    device: torch.device,
-    *,
-    batch_size: int = 512,
-    knn_k: int = 20,
-    knn_temperature: float = 0.07,
-    probe_steps: int = 100,
-    probe_l2: float = 1e-4,
-) -> dict[str, float]:
-    """k-NN and linear-probe accuracy (%) on `test` of a frozen backbone's features of `train`."""
-    tr, te = (
-        extract_features(backbone, split.images, bundle.mean, bundle.std, device, batch_size)
-        for split in (train, test)
-    )
-    return {
-        "knn_acc": knn_accuracy(
-            tr, train.labels, te, test.labels, bundle.num_classes, knn_k, knn_temperature
-        ),
-        "linear_acc": linear_probe_accuracy(
-            tr, train.labels, te, test.labels, bundle.num_classes, probe_steps, probe_l2
-        ),
-    }

@@ -1,329 +1,82 @@
-"""DINO self-distillation (Caron et al., ICCV 2021), written on tensors: config, loss, method.
+"""DINO self-distillation (Caron et al., ICCV 2021) as a method of the one Trainer.
 
-Pieces: the run config (models, heads, views, loss and evaluation settings), the DINO loss over
-every student/teacher view pair except identical views, output centering, the EMA teacher update,
-and `DINO`, the method for one or more independent models. `methods/mokd.py` extends it with
-cross-distillation between two models; heads and networks are in `methods/ssl_heads.py`.
+`method: dino` trains model a (the run's `model`) without labels: multi-crop views of the raw
+training images, a student with a projection head, its EMA teacher, output centering and a
+teacher-temperature warm-up. `methods/mokd.py` adds a second model and cross-distillation; heads
+and networks are in `methods/ssl_heads.py`, schedules in `methods/ssl_schedules.py`, the k-NN and
+linear-probe evaluation in `methods/ssl_eval.py`.
+
+Run-level keys (dataset, epochs, batch_size, seed, device, amp, eval_every, eval_batch_size,
+subset, drop_last) are the RunConfig's; everything self-supervised is under `options`, each
+model's optimiser under `options.a` / `options.b`. The method optimises manually: one optimiser
+per model, warm-up + cosine learning rate, cosine weight decay, per-model clipping and a frozen
+last layer in the first epochs.
+
+The views are cut from the raw uint8 images by sample index (the loader's normalised, maybe
+augmented batch is not used), with numbers drawn from a (seed, epoch) generator for the whole
+global batch: an exact resume and a run under torchrun see the views of a single-process run.
+
+What `evaluate` and `export` get: model a's EMA teacher with the linear probe of the latest
+evaluation as its classifier (`deployable`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit.config import ConfigError, _build, read_config_data
 from distillkit.data.datasets import DataBundle
 from distillkit.data.loader import derive_seed
-from distillkit.methods.ssl_heads import (
-    DINOHead,
-    SSLBackbone,
-    SSLMember,
-    SSLNetwork,
-    TransformerHead,
+from distillkit.data.multicrop import MultiCrop
+from distillkit.data.transforms import current_shard
+from distillkit.methods.base import Batch, Distiller, OptimizerConfig, SetupContext
+from distillkit.methods.registry import register_method
+from distillkit.methods.ssl_eval import eval_subset, probe_report
+from distillkit.methods.ssl_heads import SSLMember, build_member
+from distillkit.methods.ssl_options import DINOOptions, ModelOptions
+from distillkit.methods.ssl_schedules import (
+    cosine_value,
+    ema_momentum,
+    lr_at,
+    teacher_temperature,
 )
 from distillkit.models import build_model
 
-# --------------------------------------------------------------------------- config
+__all__ = [
+    "DINO",
+    "DINOOptions",
+    "ModelOptions",
+    "build_members",
+    "check_run_config",
+    "dino_loss",
+    "ema_update",
+    "soft_cross_entropy",
+    "updated_center",
+]
 
-# The whole SSL run's config for now: its run-level keys (dataset, epochs, seed, device, out_dir)
-# belong to RunConfig and the rest to the method's options once DINO runs on the one Trainer.
+_VIEW_STREAM = 7  # randomness stream of the views, distinct from the loader's streams
 
-
-@dataclass
-class SSLModelConfig:
-    """One model of an SSL run and its optimisation recipe."""
-
-    name: str = "resnet20"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "sgd"  # sgd | adamw (paper: SGD for the CNN, AdamW for the ViT)
-    lr: float = 0.03
-    min_lr: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_end: float | None = None  # cosine wd schedule end; None: constant
-    warmup_epochs: float = 0.0
-    grad_clip: float | None = 3.0
-    freeze_last_layer: int = 0  # epochs during which the heads' last layers stay fixed
-    ema_momentum: float = 0.996  # teacher momentum, cosine to 1.0
-    cross_weight: float = 1.0  # MOKD lambda (paper: 1.0 for the CNN, 0.1 for the ViT)
-    token_layer: str = "auto"  # tokens for the T-head: ViT final norm, else last hook layer
-    norm_last_layer: bool = True
-    # BatchNorm in this model's head and T-head hidden layers; None: the run's `head_bn`
-    head_bn: bool | None = None
-    # DINO's linear scaling rule: `lr` and `min_lr` are per 256 images of the global batch
-    scale_lr: bool = False
-
-    def effective_lr(self, batch_size: int) -> tuple[float, float]:
-        """(base lr, final lr) for a global batch, after the optional batch/256 scaling."""
-        scale = batch_size / 256 if self.scale_lr else 1.0
-        return self.lr * scale, self.min_lr * scale
-
-
-@dataclass
-class SSLConfig:
-    """A DINO (one model: `a`) or MOKD (two models: `a` and `b`) run."""
-
-    name: str = "ssl"
-    method: str = "dino"  # dino | mokd
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_size: int | None = None
-    max_train_samples: int | None = None  # train on a fixed random subset (smoke runs)
-    a: SSLModelConfig = field(default_factory=SSLModelConfig)
-    b: SSLModelConfig | None = None
-    # heads
-    out_dim: int = 4096
-    head_hidden: int = 2048
-    head_bottleneck: int = 256
-    head_layers: int = 3
-    head_bn: bool = False  # BatchNorm in the head's hidden layers (DINO's use_bn_in_head)
-    thead: bool = False  # dino only: also self-distil a T-head (always on for mokd)
-    thead_width: int = 384
-    thead_depth: int = 3
-    thead_heads: int = 6
-    thead_mlp_ratio: float = 4.0
-    # T-head output: 0 = bare weight-normed linear on the pooled token; >= 1 = a DINO projection
-    # head of that many layers (head_hidden / head_bottleneck / head_bn, like the main head)
-    thead_head_layers: int = 0
-    # DINO loss
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30
-    center_momentum: float = 0.9
-    # multi-crop
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
-    local_crops_number: int = 8
-    global_size: int | None = None  # default: the dataset's image size
-    local_size: int | None = None  # default: 3/7 of the global size (96/224 in DINO)
-    jitter: float = 0.4
-    blur: bool = True
-    solarize: bool = True
-    # loop
-    epochs: int = 100
-    batch_size: int = 64  # global batch: split over processes under torchrun
-    # evaluation of each EMA teacher's frozen features
-    eval_every: int = 1  # epochs between evaluations; 0: only after the last epoch
-    eval_batch_size: int = 512
-    eval_train_samples: int | None = None  # k-NN bank / probe training set: a fixed random subset
-    eval_test_samples: int | None = None  # evaluate on a fixed random subset of the test split
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    probe_steps: int = 100
-    probe_l2: float = 1e-4
-    # engine
-    device: str = "auto"
-    seed: int = 0
-    deterministic: bool = False
-    out_dir: str | None = None
-    quiet: bool = False
-    save_every: int = 1
-
-    def run_dir(self) -> Path:
-        """Directory this run writes to."""
-        return Path(self.out_dir) if self.out_dir else Path("runs") / self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for YAML/JSON."""
-        return dataclasses.asdict(self)
-
-    def member_configs(self) -> dict[str, SSLModelConfig]:
-        """The models of this run by member name."""
-        out = {"a": self.a}
-        if self.b is not None:
-            out["b"] = self.b
-        return out
-
-    def crop_sizes(self, image_size: int) -> tuple[int, int]:
-        """(global, local) view sizes for images of side `image_size`."""
-        g = self.global_size or image_size
-        local = self.local_size or max(2, round(g * 96 / 224))
-        return g, local
-
-
-def _check(cond: bool, key: str, msg: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}': {msg}, got {value!r}")
-
-
-def validate_ssl_config(cfg: SSLConfig) -> None:
-    """Raise ConfigError naming the first bad key."""
-    from distillkit.data.datasets import list_datasets
-    from distillkit.models import list_models
-
-    _check(cfg.method in ("dino", "mokd"), "method", "choose from ('dino', 'mokd')", cfg.method)
-    if cfg.method == "mokd" and cfg.b is None:
-        raise ConfigError("method 'mokd' trains two models: set `b` (e.g. b.name=vit_tiny)")
-    if cfg.method == "dino" and cfg.b is not None:
-        raise ConfigError("config key 'b': method 'dino' trains one model (`a`); use method=mokd")
-    _check(cfg.dataset in list_datasets(), "dataset", f"choose from {list_datasets()}", cfg.dataset)
-    for name, m in cfg.member_configs().items():
-        if m.name not in list_models():
-            close = difflib.get_close_matches(m.name, list_models(), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"config key '{name}.name': unknown model {m.name!r}{hint}")
-        _check(
-            m.optimizer in ("sgd", "adamw"),
-            f"{name}.optimizer",
-            "choose from ('sgd', 'adamw')",
-            m.optimizer,
-        )
-        _check(m.lr > 0, f"{name}.lr", "must be > 0", m.lr)
-        _check(
-            0.0 <= m.ema_momentum <= 1.0,
-            f"{name}.ema_momentum",
-            "must be in [0, 1]",
-            m.ema_momentum,
-        )
-        _check(m.cross_weight >= 0, f"{name}.cross_weight", "must be >= 0", m.cross_weight)
-        _check(
-            m.grad_clip is None or m.grad_clip > 0,
-            f"{name}.grad_clip",
-            "must be > 0 or null",
-            m.grad_clip,
-        )
-    for key in (
-        "out_dim",
-        "head_hidden",
-        "head_bottleneck",
-        "head_layers",
-        "thead_width",
-        "thead_depth",
-        "thead_heads",
-        "epochs",
-        "batch_size",
-        "eval_batch_size",
-        "knn_k",
-        "probe_steps",
-    ):
-        _check(getattr(cfg, key) > 0, key, "must be > 0", getattr(cfg, key))
-    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp", "knn_temperature"):
-        _check(getattr(cfg, key) > 0, key, "must be > 0", getattr(cfg, key))
-    _check(
-        cfg.thead_head_layers >= 0,
-        "thead_head_layers",
-        "must be >= 0",
-        cfg.thead_head_layers,
-    )
-    _check(
-        cfg.thead_width % cfg.thead_heads == 0,
-        "thead_width",
-        f"must be divisible by thead_heads={cfg.thead_heads}",
-        cfg.thead_width,
-    )
-    _check(
-        0.0 <= cfg.center_momentum <= 1.0,
-        "center_momentum",
-        "must be in [0, 1]",
-        cfg.center_momentum,
-    )
-    _check(
-        cfg.local_crops_number >= 0, "local_crops_number", "must be >= 0", cfg.local_crops_number
-    )
-    _check(cfg.eval_every >= 0, "eval_every", "must be >= 0", cfg.eval_every)
-    for key in ("global_crops_scale", "local_crops_scale"):
-        v = getattr(cfg, key)
-        _check(
-            len(v) == 2 and 0 < v[0] <= v[1] <= 1,
-            key,
-            "must be [low, high] with 0 < low <= high <= 1",
-            v,
-        )
-    for key in (
-        "global_size",
-        "local_size",
-        "max_train_samples",
-        "image_size",
-        "eval_train_samples",
-        "eval_test_samples",
-    ):
-        v = getattr(cfg, key)
-        _check(v is None or v > 0, key, "must be > 0 or null", v)
-
-
-def ssl_config_from_dict(data: dict[str, Any]) -> SSLConfig:
-    """Build and validate an SSLConfig; unknown keys are errors that name the key."""
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"a config must be a mapping of keys to values, got {type(data).__name__}"
-        )
-    cfg = _build(SSLConfig, data)
-    validate_ssl_config(cfg)
-    return cfg
-
-
-def load_ssl_config(path: str | Path | None, overrides: list[str] | None = None) -> SSLConfig:
-    """Read a YAML SSL config (or none: defaults) and apply `key=value` overrides."""
-    return ssl_config_from_dict(read_config_data(path, overrides))
-
-
-# --------------------------------------------------------------------------- building
-
-
-def build_member(
-    cfg: SSLConfig, mcfg: SSLModelConfig, bundle: DataBundle, with_thead: bool
-) -> SSLMember:
-    """Student network (backbone, head, optional T-head) and its EMA teacher."""
-    global_size, _ = cfg.crop_sizes(bundle.image_size)
-    model = build_model(
-        mcfg.name,
-        in_channels=bundle.in_channels,
-        num_classes=bundle.num_classes,
-        image_size=global_size,
-        **mcfg.kwargs,
-    )
-    backbone = SSLBackbone(model, mcfg.token_layer, probe_size=global_size)
-    head_bn = cfg.head_bn if mcfg.head_bn is None else mcfg.head_bn
-    head = DINOHead(
-        backbone.embed_dim,
-        cfg.out_dim,
-        cfg.head_hidden,
-        cfg.head_bottleneck,
-        cfg.head_layers,
-        mcfg.norm_last_layer,
-        head_bn,
-    )
-    thead = None
-    if with_thead:
-        thead = TransformerHead(
-            backbone.token_dim,
-            cfg.out_dim,
-            cfg.thead_width,
-            cfg.thead_depth,
-            cfg.thead_heads,
-            cfg.thead_mlp_ratio,
-            backbone.probe_grid,
-            mcfg.norm_last_layer,
-            cfg.thead_head_layers,
-            cfg.head_hidden,
-            cfg.head_bottleneck,
-            head_bn,
-        )
-    return SSLMember(SSLNetwork(backbone, head, thead), cfg.out_dim, mcfg.cross_weight)
-
-
-def build_members(cfg: SSLConfig, bundle: DataBundle, with_thead: bool) -> dict[str, SSLMember]:
-    """Every model of the run, initialised from cfg.seed (each member its own stream)."""
-    members = {}
-    for i, (name, mcfg) in enumerate(cfg.member_configs().items()):
-        torch.manual_seed(derive_seed(cfg.seed, 1000 + i))
-        members[name] = build_member(cfg, mcfg, bundle, with_thead=with_thead)
-    return members
-
-
-def build_dino(cfg: SSLConfig, bundle: DataBundle) -> DINO:
-    """The DINO method of a `method: dino` run (a T-head only with `thead: true`)."""
-    members = build_members(cfg, bundle, with_thead=cfg.thead)
-    return DINO(members, cfg.student_temp, cfg.center_momentum, use_thead=cfg.thead)
+# Run-level optimisation keys a self-supervised run does not read: each model has its own
+# optimiser under options.a / options.b (value: where the setting went, or None if it has none)
+_RUN_KEYS_UNUSED = {
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "warmup_epochs": "warmup_epochs",
+    "grad_clip": "grad_clip",
+    "schedule": None,
+    "milestones": None,
+    "gamma": None,
+    "nesterov": None,
+}
 
 
 # --------------------------------------------------------------------------- loss, centering, EMA
@@ -378,51 +131,223 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+Rows = tuple[int, int]  # (this process's real rows, rows of the global batch)
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class DINO(nn.Module):
-    """DINO self-distillation for each model independently (one model: plain DINO)."""
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def build_ssl_optimizer(
+    recipe: ModelOptions, module: nn.Module, lr: float
+) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on biases and norm scales (group 0 decays, group 1 not)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": recipe.weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class DINO(Distiller):
+    """DINO self-distillation for each model independently (one model: plain DINO).
+
+    `student` is the ModuleDict of members (each a student network, its EMA teacher and its
+    output centers), so checkpoints and `sync_bn` see every network of the run.
+    """
+
+    automatic_optimization = False
 
     def __init__(
         self,
         members: dict[str, SSLMember],
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        use_thead: bool = False,
+        options: DINOOptions | None = None,
+        *,
+        use_thead: bool | None = None,
+        deploy: nn.Module | None = None,
+        num_classes: int = 10,
     ) -> None:
-        super().__init__()
-        self.members = nn.ModuleDict(members)
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.use_thead = use_thead
-        # sums a tensor over ranks; the trainer swaps in torch.distributed under torchrun
+        super().__init__(nn.ModuleDict(members), None)
+        self.options = options or DINOOptions()
+        self.use_thead = self.options.thead if use_thead is None else use_thead
+        self.student_temp = self.options.student_temp
+        self.center_momentum = self.options.center_momentum
+        # sums a tensor over processes: torch.distributed under torchrun (see setup)
         self.reduce: Reducer = _identity
         self.world_size = 1
+        # what evaluate/export use: a's network as built by the run, classifier intact; kept out
+        # of the module tree (its weights are a's teacher's, filled in by deployable)
+        self._deploy = [deploy]
+        embed = members["a"].student.backbone.embed_dim
+        # the linear probe of the latest evaluation on a's teacher features: deployable's classifier
+        self.register_buffer("probe_weight", torch.zeros(num_classes, embed))
+        self.register_buffer("probe_bias", torch.zeros(num_classes))
+        self._epoch = 0
+        self._epoch_step = 0
+        self._teacher_temp = self.options.warmup_teacher_temp
+        self._gen: torch.Generator | None = None
+        self._last: dict[str, float] = {}
+
+    @property
+    def members(self) -> nn.ModuleDict:
+        """The models of the run by name ("a", and "b" for MOKD)."""
+        return self.student
 
     def names(self) -> list[str]:
         """Member names in a fixed order."""
         return list(self.members.keys())
 
-    def _batch_mean(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
-        cat = torch.cat([o.detach().float() for o in outs])
-        return self.reduce(cat.sum(0, keepdim=True)) / (cat.shape[0] * self.world_size)
+    def recipe(self, name: str) -> ModelOptions:
+        """The optimisation recipe of member `name`."""
+        return self.options.members()[name]
 
-    def _set_center(self, member: SSLMember, name: str, outs: Sequence[torch.Tensor]) -> None:
-        batch_mean = self._batch_mean(outs)
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self, ctx: SetupContext) -> None:
+        """Views, raw images on the device and the cross-process reduction."""
+        super().setup(ctx)
+        o, bundle = self.options, ctx.bundle
+        global_size, local_size = o.crop_sizes(bundle.image_size)
+        self.multicrop = MultiCrop(
+            global_size,
+            local_size,
+            o.local_crops_number,
+            tuple(o.global_crops_scale),
+            tuple(o.local_crops_scale),
+            flip=bundle.hflip,
+            jitter=o.jitter,
+            blur=o.blur,
+            solarize=o.solarize,
+        )
+        self._images = bundle.train.images.to(ctx.device)
+        self._mean = torch.tensor(bundle.mean, device=ctx.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(bundle.std, device=ctx.device).view(1, -1, 1, 1)
+        self.world_size = ctx.world_size
+        self.reduce = _all_reduce_sum if ctx.world_size > 1 else _identity
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (the schedules' horizon)."""
+        ctx = self._context()
+        return ctx.epochs * ctx.steps_per_epoch
+
+    def _context(self) -> SetupContext:
+        if self.context is None:
+            raise RuntimeError("DINO needs the trainer's setup before training")
+        return self.context
+
+    def configure_optimizers(self) -> list[OptimizerConfig]:
+        """One optimiser per model: warm-up + cosine lr (per step), its own clipping."""
+        ctx = self._context()
+        spe, epochs = ctx.steps_per_epoch, ctx.epochs
+        out = []
+        for name, m in self.members.items():
+            r = self.recipe(name)
+            base, final = r.effective_lr(ctx.cfg.batch_size)
+
+            def factor(step: int, base=base, final=final, warm=r.warmup_epochs) -> float:
+                return lr_at(step, spe, epochs, base, final, warm) / base
+
+            opt = build_ssl_optimizer(r, m.student, base)
+            out.append(OptimizerConfig(opt, lr_lambda=factor, grad_clip=r.grad_clip, name=name))
+        return out
+
+    def apply_weight_decay(self, opt: OptimizerConfig, step: int) -> float:
+        """Set the decaying group's weight decay for global `step` (cosine to weight_decay_end)."""
+        r = self.recipe(opt.name)
+        end = r.weight_decay if r.weight_decay_end is None else r.weight_decay_end
+        wd = cosine_value(step, self.total_steps, r.weight_decay, end)
+        opt.optimizer.param_groups[0]["weight_decay"] = wd
+        return wd
+
+    # -- training ----------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        """The epoch's view generator and teacher temperature."""
+        o = self.options
+        self._epoch, self._epoch_step, self._last = epoch, 0, {}
+        # rank 0's stream of the old per-rank views: single-process views are unchanged, and
+        # every process draws for the whole global batch (MultiCrop with the batch's shard)
+        seed = self._context().cfg.seed
+        self._gen = torch.Generator().manual_seed(derive_seed(seed, epoch, _VIEW_STREAM, 0))
+        self._teacher_temp = teacher_temperature(
+            epoch, o.warmup_teacher_temp, o.teacher_temp, o.warmup_teacher_temp_epochs
+        )
+
+    def views(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], Rows]:
+        """Normalised multi-crop views of training samples `idx`, and their rows."""
+        if self._gen is None:
+            raise RuntimeError("on_epoch_start must run before training_step")
+        shard = current_shard()
+        x = self._images[idx.to(self._images.device)].float().div_(255.0)
+        # views in full precision: under autocast the blur would run in half precision
+        with torch.autocast(x.device.type, enabled=False):
+            views = [(v - self._mean) / self._std for v in self.multicrop(x, self._gen, shard)]
+        rows = (shard.real, shard.total) if shard is not None else (len(idx), len(idx))
+        return views, rows
+
+    def training_step(self, batch: Batch) -> tuple[None, dict[str, torch.Tensor]]:
+        """Losses on this batch's views, backward, then each model's optimiser steps."""
+        _, _, idx = batch
+        views, rows = self.views(idx)
+        losses = self.compute_losses(views, self._teacher_temp, rows)
+        self.manual_backward(sum(sum(t.values()) for t in losses.values()))
+        step = self._epoch * self._context().steps_per_epoch + self._epoch_step
+        for opt in self.optimizers():
+            if self._epoch < self.recipe(opt.name).freeze_last_layer:
+                # the heads' last layers get no gradient: no update, no clipping share
+                for pname, p in self.members[opt.name].student.named_parameters():
+                    if "last_layer" in pname:
+                        p.grad = None
+            self._last[f"weight_decay_{opt.name}"] = self.apply_weight_decay(opt, step)
+            self._last[f"lr_{opt.name}"] = opt.optimizer.param_groups[0]["lr"]
+            self.optimizer_step(opt)
+        self._epoch_step += 1
+        return None, {f"{n}_{k}": v.detach() for n, t in losses.items() for k, v in t.items()}
+
+    def on_step_end(self, step: int) -> None:
+        """EMA step of every teacher towards its student (momentum cosine to 1)."""
+        for name, m in self.members.items():
+            momentum = ema_momentum(step, self.total_steps, self.recipe(name).ema_momentum)
+            ema_update(m.teacher, m.student, momentum)
+            self._last[f"ema_momentum_{name}"] = momentum
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """Last step's lr, weight decay and EMA momentum per model, and the teacher temperature."""
+        return {**dict(sorted(self._last.items())), "teacher_temp": self._teacher_temp}
+
+    # -- losses --------------------------------------------------------------------------------
+    def _batch_mean(self, outs: Sequence[torch.Tensor], rows: Rows | None) -> torch.Tensor:
+        real, total = rows if rows is not None else (outs[0].shape[0],) * 2
+        if rows is None:
+            total *= self.world_size
+        # a process holding only a padding row (uneven last batch) adds nothing
+        cat = torch.cat([o[:real].detach().float() for o in outs])
+        return self.reduce(cat.sum(0, keepdim=True)) / (total * len(outs))
+
+    def _set_center(
+        self, member: SSLMember, name: str, outs: Sequence[torch.Tensor], rows: Rows | None
+    ) -> None:
+        batch_mean = self._batch_mean(outs, rows)
         setattr(
             member, name, updated_center(getattr(member, name), batch_mean, self.center_momentum)
         )
 
     def forward_all(self, views: Sequence[torch.Tensor]) -> dict[str, tuple[dict, dict]]:
         """(student outputs on all views, teacher outputs on the 2 global views) per member."""
-        out = {}
-        for name, m in self.members.items():
-            out[name] = (m.student(views), m.teacher_forward(views[:2]))
-        return out
+        return {
+            n: (m.student(views), m.teacher_forward(views[:2])) for n, m in self.members.items()
+        }
 
     def self_losses(
         self, m: SSLMember, s: dict, t: dict, teacher_temp: float
@@ -437,16 +362,16 @@ class DINO(nn.Module):
             )
         return losses
 
-    def update_centers(self, outputs: dict[str, tuple[dict, dict]]) -> None:
+    def update_centers(self, outputs: dict[str, tuple[dict, dict]], rows: Rows | None) -> None:
         """EMA of each teacher's mean output (after the losses used the old centers)."""
         for name, m in self.members.items():
             t = outputs[name][1]
-            self._set_center(m, "center_head", t["head"])
+            self._set_center(m, "center_head", t["head"], rows)
             if self.use_thead:
-                self._set_center(m, "center_thead", t["thead"])
+                self._set_center(m, "center_thead", t["thead"], rows)
 
     def compute_losses(
-        self, views: Sequence[torch.Tensor], teacher_temp: float
+        self, views: Sequence[torch.Tensor], teacher_temp: float, rows: Rows | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Named loss terms per member for one batch of views; centers are updated afterwards."""
         outputs = self.forward_all(views)
@@ -454,11 +379,147 @@ class DINO(nn.Module):
             name: self.self_losses(m, *outputs[name], teacher_temp)
             for name, m in self.members.items()
         }
-        self.update_centers(outputs)
+        self.update_centers(outputs, rows)
         return losses
 
-    @torch.no_grad()
-    def update_teachers(self, momenta: dict[str, float]) -> None:
-        """EMA step of every teacher towards its student."""
+    # -- evaluation and export -------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """k-NN and linear-probe accuracy (%) of each EMA teacher's frozen backbone features.
+
+        `score` (best.pt) is the mean k-NN accuracy; `test_acc` is linear_acc_a, the accuracy of
+        the deployable model; a's probe becomes the deployable's classifier.
+        """
+        ctx = self._context()
+        o, cfg, bundle = self.options, ctx.cfg, ctx.bundle
+        train = eval_subset(bundle.train, o.eval_train_samples, derive_seed(cfg.seed, 97))
+        test = eval_subset(bundle.test, o.eval_test_samples, derive_seed(cfg.seed, 98))
+        out: dict[str, float] = {}
         for name, m in self.members.items():
-            ema_update(m.teacher, m.student, momenta[name])
+            accs, (weight, bias) = probe_report(
+                m.teacher.backbone,
+                train,
+                test,
+                bundle,
+                ctx.device,
+                batch_size=cfg.eval_batch_size,
+                knn_k=o.knn_k,
+                knn_temperature=o.knn_temperature,
+                probe_steps=o.probe_steps,
+                probe_l2=o.probe_l2,
+            )
+            out.update({f"{k}_{name}": v for k, v in accs.items()})
+            if name == "a":
+                self.probe_weight.copy_(weight.to(self.probe_weight))
+                self.probe_bias.copy_(bias.to(self.probe_bias))
+        score = sum(out[f"knn_acc_{n}"] for n in self.names()) / len(self.members)
+        out.update({"knn_acc_mean": score, "test_acc": out["linear_acc_a"], "score": score})
+        return out
+
+    def deployable(self) -> nn.Module:
+        """Model a's EMA teacher with the latest linear probe as its classifier.
+
+        Without a linear classifier to fill (a model whose classifier is not one nn.Linear), the
+        teacher's backbone alone (embeddings, no classifier).
+        """
+        net = self._deploy[0]
+        backbone = self.members["a"].teacher.backbone.model
+        if net is None:
+            return backbone
+        state = dict(backbone.state_dict())
+        state["classifier.weight"] = self.probe_weight
+        state["classifier.bias"] = self.probe_bias
+        net.load_state_dict(state)
+        return net
+
+
+# --------------------------------------------------------------------------- building
+
+
+def check_run_config(cfg: Any) -> None:
+    """Refuse run-level settings the method would silently ignore (teacher, optimiser keys)."""
+    if getattr(cfg, "teacher", None):
+        raise ValueError(f"method '{cfg.method}' learns without a teacher: remove `teacher`")
+    for f in dataclasses.fields(cfg):
+        if f.name not in _RUN_KEYS_UNUSED:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(cfg, f.name) != default:
+            place = _RUN_KEYS_UNUSED[f.name]
+            where = (
+                f"set it per model as options.a.{place} (and options.b.{place})"
+                if place
+                else "its lr is a warm-up then cosine to options.a.min_lr"
+            )
+            raise ValueError(
+                f"config key '{f.name}': method '{cfg.method}' does not use it; {where}"
+            )
+
+
+def _deploy_copy(model: nn.Module, embed_dim: int, num_classes: int) -> nn.Module | None:
+    """A copy of a freshly built model whose classifier a linear probe can fill, or None."""
+    clf = getattr(model, "classifier", None)
+    if isinstance(clf, nn.Linear) and clf.in_features == embed_dim:
+        if clf.out_features == num_classes:
+            return copy.deepcopy(model).cpu().eval()
+    return None
+
+
+def build_members(
+    cfg: Any,
+    options: DINOOptions,
+    model_a: nn.Module,
+    bundle: DataBundle,
+    with_thead: bool,
+) -> dict[str, SSLMember]:
+    """Every model of the run: a is the run's model, b (MOKD) is built from options.b."""
+    global_size, _ = options.crop_sizes(bundle.image_size)
+    members = {}
+    for i, (name, r) in enumerate(options.members().items()):
+        # each member its own stream: a's heads and b do not depend on how a was built
+        torch.manual_seed(derive_seed(cfg.seed, 1000 + i))
+        if name == "a":
+            model = model_a
+        else:
+            try:
+                model = build_model(
+                    r.model or "",
+                    in_channels=bundle.in_channels,
+                    num_classes=bundle.num_classes,
+                    image_size=bundle.image_size,
+                    **r.model_kwargs,
+                )
+            except TypeError as exc:
+                raise ValueError(
+                    f"config key 'options.{name}.model_kwargs': model '{r.model}' rejected "
+                    f"{r.model_kwargs}: {exc}"
+                ) from None
+        members[name] = build_member(options, r, model, global_size, with_thead)
+    return members
+
+
+def build_dino_like(
+    cls: type[DINO],
+    cfg: Any,
+    options: DINOOptions,
+    student: nn.Module,
+    bundle: DataBundle,
+    with_thead: bool,
+) -> DINO:
+    """Members, deployable copy and the method object (shared by dino and mokd)."""
+    check_run_config(cfg)
+    fresh = copy.deepcopy(student)  # before the backbone adapter drops its classifier
+    members = build_members(cfg, options, student, bundle, with_thead=with_thead)
+    embed = members["a"].student.backbone.embed_dim
+    deploy = _deploy_copy(fresh, embed, bundle.num_classes)
+    return cls(members, options, deploy=deploy, num_classes=bundle.num_classes)
+
+
+@register_method(
+    "dino",
+    options=DINOOptions,
+    needs_teacher=False,
+    description="self-supervised DINO of `model` (multi-crop, EMA teacher); k-NN/linear probe",
+)
+def build(cfg: Any, options: DINOOptions, student: nn.Module, teacher: Any, bundle: DataBundle):
+    """Registry builder: model a is the run's `model`; a T-head only with options.thead."""
+    return build_dino_like(DINO, cfg, options, student, bundle, with_thead=options.thead)

@@ -12,17 +12,30 @@ The search target (cross-attention feature search): the student's local-crop que
 (T-head pooled embedding, detached) is prepended to teacher B's global-view-1 tokens, passed
 through B's teacher T-head blocks; the query's output is dropped, the rest mean-pooled and
 projected. Teachers are EMA copies and never receive gradients.
+
+`method: mokd`: model a is the run's `model` (recipe `options.a`), model b is `options.b.model`
+with its own recipe; both run on the one Trainer like DINO (`methods/dino.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from distillkit.data.datasets import DataBundle
-from distillkit.methods.dino import DINO, SSLConfig, build_members, dino_loss, soft_cross_entropy
+from distillkit.methods.dino import (
+    DINO,
+    Rows,
+    build_dino_like,
+    dino_loss,
+    soft_cross_entropy,
+)
+from distillkit.methods.registry import register_method
 from distillkit.methods.ssl_heads import SSLMember
+from distillkit.methods.ssl_options import MOKDOptions
 
 
 class MOKD(DINO):
@@ -31,15 +44,17 @@ class MOKD(DINO):
     def __init__(
         self,
         members: dict[str, SSLMember],
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
+        options: MOKDOptions | None = None,
+        *,
+        deploy: nn.Module | None = None,
+        num_classes: int = 10,
     ) -> None:
         if len(members) != 2:
             raise ValueError(f"MOKD trains exactly two models, got {len(members)}")
         for name, m in members.items():
             if m.student.thead is None:
                 raise ValueError(f"MOKD member {name!r} needs a T-head")
-        super().__init__(members, student_temp, center_momentum, use_thead=True)
+        super().__init__(members, options, use_thead=True, deploy=deploy, num_classes=num_classes)
 
     def search_targets(
         self, queries: Sequence[torch.Tensor], other: SSLMember, other_t: dict
@@ -54,7 +69,7 @@ class MOKD(DINO):
             return list(thead.search(q, rep, grid).chunk(len(queries)))
 
     def compute_losses(
-        self, views: Sequence[torch.Tensor], teacher_temp: float
+        self, views: Sequence[torch.Tensor], teacher_temp: float, rows: Rows | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Self terms plus lambda-weighted cross terms for both models."""
         outputs = self.forward_all(views)
@@ -79,14 +94,20 @@ class MOKD(DINO):
                 ) / len(local)
                 terms["search"] = m.cross_weight * search
             losses[name] = terms
-        self.update_centers(outputs)
+        self.update_centers(outputs, rows)
         for name in names:
             other_name = names[1 - names.index(name)]
-            self._set_center(self.members[name], "center_cross", outputs[other_name][1]["head"])
+            other_head = outputs[other_name][1]["head"]
+            self._set_center(self.members[name], "center_cross", other_head, rows)
         return losses
 
 
-def build_mokd(cfg: SSLConfig, bundle: DataBundle) -> MOKD:
-    """The MOKD method of a `method: mokd` run: both models with a T-head."""
-    members = build_members(cfg, bundle, with_thead=True)
-    return MOKD(members, cfg.student_temp, cfg.center_momentum)
+@register_method(
+    "mokd",
+    options=MOKDOptions,
+    needs_teacher=False,
+    description="self-supervised MOKD: `model` and options.b.model distil each other (DINO + T-heads)",
+)
+def build(cfg: Any, options: MOKDOptions, student: nn.Module, teacher: Any, bundle: DataBundle):
+    """Registry builder: model a is the run's `model`, model b options.b.model; both T-headed."""
+    return build_dino_like(MOKD, cfg, options, student, bundle, with_thead=True)

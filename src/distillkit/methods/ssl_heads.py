@@ -3,7 +3,8 @@
 `DINOHead` is DINO's projection head (MLP, l2-normalised bottleneck, weight-normalised last
 layer); `TransformerHead` is MOKD's T-head over a backbone's tokens (DINO may train one too).
 `SSLBackbone` turns a zoo model into (embedding, tokens, grid); `SSLNetwork` puts a backbone and
-its heads together; `SSLMember` holds one model's student, its EMA teacher and output centers.
+its heads together; `SSLMember` holds one model's student, its EMA teacher and output centers;
+`build_member` assembles one from a model and the run's options.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distillkit.models.vit import TransformerBlock
+
+if TYPE_CHECKING:
+    from distillkit.methods.ssl_options import DINOOptions, ModelOptions
 
 # --------------------------------------------------------------------------- heads
 
@@ -313,3 +317,41 @@ class SSLMember(nn.Module):
         """Teacher outputs for the global views, without autograd."""
         with torch.no_grad():
             return self.teacher(views)
+
+
+def build_member(
+    options: DINOOptions,
+    recipe: ModelOptions,
+    model: nn.Module,
+    global_size: int,
+    with_thead: bool,
+) -> SSLMember:
+    """Student network (backbone of `model`, head, optional T-head) and its EMA teacher."""
+    backbone = SSLBackbone(model, recipe.token_layer, probe_size=global_size)
+    head_bn = options.head_bn if recipe.head_bn is None else recipe.head_bn
+    head = DINOHead(
+        backbone.embed_dim,
+        options.out_dim,
+        options.head_hidden,
+        options.head_bottleneck,
+        options.head_layers,
+        recipe.norm_last_layer,
+        head_bn,
+    )
+    thead = None
+    if with_thead:
+        thead = TransformerHead(
+            backbone.token_dim,
+            options.out_dim,
+            options.thead_width,
+            options.thead_depth,
+            options.thead_heads,
+            options.thead_mlp_ratio,
+            backbone.probe_grid,
+            recipe.norm_last_layer,
+            options.thead_head_layers,
+            options.head_hidden,
+            options.head_bottleneck,
+            head_bn,
+        )
+    return SSLMember(SSLNetwork(backbone, head, thead), options.out_dim, recipe.cross_weight)
