@@ -27,7 +27,10 @@ import threading
 import time
 
 import torch
-from serve_load import (
+
+# the shared load-test helpers sit beside this script; runpy and other callers need the folder
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_load import (  # noqa: E402
     RESULTS,
     append_result,
     charged,
