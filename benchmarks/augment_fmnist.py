@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import keep_previous  # noqa: E402
+
 from distillkit.commands.da_score import correlations, parse_schemes, run_da_score
 from distillkit.config import config_from_dict
 from distillkit.data.datasets import DataBundle, Split, load_dataset, register_dataset
@@ -113,23 +116,6 @@ def markdown(result: dict) -> str:
         p = "n/a" if c["pvalue"] is None else f"{c['pvalue']:.3f}"
         lines.append(f"| {name} | {stat} | {p} |")
     return "\n".join(lines)
-
-
-def keep_previous(out: Path, names: list[str]) -> list[Path]:
-    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
-    kept = []
-    for name in names:
-        path = out / name
-        if not path.is_file():
-            continue
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
-        while target.exists():
-            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
-        os.replace(path, target)
-        print(f"kept the previous {name} as {target}", flush=True)
-        kept.append(target)
-    return kept
 
 
 def main(argv: list[str] | None = None) -> int:

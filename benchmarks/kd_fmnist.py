@@ -16,11 +16,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import keep_previous  # noqa: E402
 
 from distillkit.config import config_from_dict
 from distillkit.data.datasets import load_dataset
@@ -214,23 +218,6 @@ def overhead_table(args: argparse.Namespace, tdir: Path, out: Path) -> str:
         markdown_table(rows, ["loop", "img/s (best of 3)"])
         + f"\n\nengine overhead: {overhead:+.1f}%"
     )
-
-
-def keep_previous(out: Path, names: list[str]) -> list[Path]:
-    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
-    kept = []
-    for name in names:
-        path = out / name
-        if not path.is_file():
-            continue
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
-        while target.exists():
-            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
-        os.replace(path, target)
-        print(f"kept the previous {name} as {target}", flush=True)
-        kept.append(target)
-    return kept
 
 
 def main() -> None:

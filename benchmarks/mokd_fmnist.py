@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import keep_previous  # noqa: E402
+
 from distillkit.config import config_from_dict
 from distillkit.engine.trainer import Trainer
 from distillkit.runner import check_config, prepare, resume, run
@@ -309,23 +312,6 @@ def write_outputs(
     _write_atomic(out / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     _write_atomic(out / "report.md", table)
     return table
-
-
-def keep_previous(out: Path, names: list[str]) -> list[Path]:
-    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
-    kept = []
-    for name in names:
-        path = out / name
-        if not path.is_file():
-            continue
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
-        while target.exists():
-            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
-        os.replace(path, target)
-        print(f"kept the previous {name} as {target}", flush=True)
-        kept.append(target)
-    return kept
 
 
 def _log_run(key: str, summary: dict[str, Any]) -> None:

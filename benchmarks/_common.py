@@ -1,0 +1,24 @@
+"""Helpers shared by the benchmark scripts (imported from beside them)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def keep_previous(out: Path, names: list[str]) -> list[Path]:
+    """Rename an earlier invocation's output files to NAME.<its time>.EXT, so none is overwritten."""
+    kept = []
+    for name in names:
+        path = out / name
+        if not path.is_file():
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        target, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+        os.replace(path, target)
+        print(f"kept the previous {name} as {target}", flush=True)
+        kept.append(target)
+    return kept
