@@ -24,7 +24,8 @@ edge shard, a registered dataset of its own, so the run sets `teacher_dataset_ch
 the main process). Each finished run appends a line to OUT/runs.jsonl, which is never truncated: a
 stopped benchmark keeps what it measured, a second invocation into the same OUT (other budgets,
 say) adds its runs to the first's, and a run already recorded there (same method, budget and seed)
-is not run again (use another --out for other settings). OUT/report.md and OUT/results.json
+is not run again (use another --out for other settings). A run that fails is reported in one
+line (its traceback in OUT/runs/NAME/error.txt), is not recorded, and the benchmark exits 1. OUT/report.md and OUT/results.json
 tabulate every run in runs.jsonl; `--report-only` prints that table.
 
     python benchmarks/mekd_fmnist.py                     # full: budgets 5k/20k/100k, 3 seeds
@@ -35,14 +36,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _pool import Job, JobError, run_jobs  # noqa: E402
 
 from distillkit.config import config_from_dict
 from distillkit.data.datasets import (
@@ -52,7 +55,7 @@ from distillkit.data.datasets import (
     load_dataset,
     register_dataset,
 )
-from distillkit.runner import _execute, _write_run_files, prepare, run
+from distillkit.runner import prepare, run, run_prepared
 
 EDGE = "fashion-mnist-edge"
 EDGE_SEED = 1234
@@ -90,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny sizes to check the pipeline")
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.smoke:
         args.teacher_model, args.teacher_epochs = "mlp", 1
         args.student_model, args.epochs, args.gan_epochs = "mlp", 2, 1
@@ -129,15 +134,13 @@ def register_edge(args: argparse.Namespace) -> None:
 
 
 def run_one(job: dict) -> dict:
-    """Run one config (in a worker); return its result row."""
+    """Run one config (in a worker; the pool sets its thread count); return its result row."""
     args = argparse.Namespace(**job["args"])
-    torch.set_num_threads(job["threads"])
     register_edge(args)
     if job.get("api_key"):
         os.environ["DISTILLKIT_API_KEY"] = job["api_key"]
     p = prepare(config_from_dict(job["spec"]))
-    _write_run_files(p)
-    summary = _execute(p, None)
+    summary = run_prepared(p)
     teacher = p.distiller.teacher
     stats = teacher.stats() if hasattr(teacher, "stats") else {}
     return {
@@ -307,24 +310,31 @@ def main() -> int:
     jobs = [j for j in jobs if run_key(j) not in done]
     if skipped:
         print(f"{len(skipped)} run(s) already in {results}: not run again", flush=True)
-    worker_threads = 1 if args.jobs > 1 else threads
     for job in jobs:
-        job.update(args=vars(args), threads=worker_threads)
+        job["args"] = vars(args)
+
+    def failure(error: JobError) -> None:
+        # not recorded in runs.jsonl, so the next invocation runs it again
+        saved = error.save(out / "runs" / error.name / "error.txt")
+        print(f"{error.line()} (traceback in {saved})", file=sys.stderr, flush=True)
+
     try:
-        if args.jobs > 1:
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-                futures = [pool.submit(run_one, job) for job in jobs]
-                for f in as_completed(futures):
-                    record(results, f.result())
-        else:
-            for job in jobs:
-                record(results, run_one(job))
+        failed = run_jobs(
+            [Job(job["spec"]["name"], (job,)) for job in jobs],
+            run_one,
+            n_workers=args.jobs,
+            threads_per_worker=1 if args.jobs > 1 else threads,
+            on_result=lambda _name, row: record(results, row),
+            on_error=failure,
+        )
     finally:
         for s in servers.values():
             s.stop()
     print()
     print(report(out, teacher_acc, args))
+    if failed:
+        print(f"failed runs: {', '.join(e.name for e in failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

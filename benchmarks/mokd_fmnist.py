@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
-import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import keep_previous  # noqa: E402
+from _pool import Job, JobError, run_jobs  # noqa: E402
 
 from distillkit.config import config_from_dict
 from distillkit.engine.trainer import Trainer
@@ -226,14 +224,18 @@ def run_one(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 def _worker(
     data: dict[str, Any], run_dir: str, threads: int, untrained: bool = False
 ) -> dict[str, Any]:
-    """One run (or untrained evaluation) in a worker; errors come back as data, the rest go on."""
+    """One run (or untrained evaluation) in a worker; the pool turns an exception into a record."""
     torch.set_num_threads(threads)
-    try:
-        if untrained:
-            return evaluate_untrained(data, Path(run_dir))
-        return run_one(data, Path(run_dir))
-    except Exception:
-        return {"error": traceback.format_exc()}
+    if untrained:
+        return evaluate_untrained(data, Path(run_dir))
+    return run_one(data, Path(run_dir))
+
+
+def _call_worker(
+    data: dict[str, Any], run_dir: str, threads: int, untrained: bool = False
+) -> dict[str, Any]:
+    """The pool's worker: _worker looked up when called, so tests can replace it."""
+    return _worker(data, run_dir, threads, untrained)
 
 
 def _fmt(values: list[float]) -> str:
@@ -315,9 +317,6 @@ def write_outputs(
 
 
 def _log_run(key: str, summary: dict[str, Any]) -> None:
-    if "error" in summary:
-        print(f"[bench] {key} FAILED:\n{summary['error']}", file=sys.stderr, flush=True)
-        return
     accs = " ".join(
         f"{k}={summary[k]:.2f}"
         for k in sorted(summary)
@@ -418,31 +417,31 @@ def main(argv: list[str] | None = None) -> int:
     per_run: dict[str, Any] = {}
     keep_previous(out, ["report.md", "results.json"])
     write_outputs(out, args, seeds, per_run, t0)
-    if args.jobs == 1:
-        for key, data, run_dir, untrained in work:
-            per_run[key] = _worker(data, run_dir, threads or torch.get_num_threads(), untrained)
-            _log_run(key, per_run[key])
-            write_outputs(out, args, seeds, per_run, t0)
-    else:
-        # spawned workers inherit this; one intra-op thread each keeps --jobs processes on
-        # --jobs cores instead of oversubscribing them
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            pending = {
-                pool.submit(_worker, data, run_dir, threads, untrained): key
-                for key, data, run_dir, untrained in work
-            }
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    key = pending.pop(fut)
-                    try:
-                        per_run[key] = fut.result()
-                    except Exception:  # a worker that died (e.g. killed for memory)
-                        per_run[key] = {"error": traceback.format_exc()}
-                    _log_run(key, per_run[key])
-                    write_outputs(out, args, seeds, per_run, t0)
+    # with --jobs, one intra-op thread per worker keeps --jobs processes on --jobs cores
+    worker_threads = threads or torch.get_num_threads()
+
+    def finished(key: str, summary: dict[str, Any]) -> None:
+        per_run[key] = summary
+        _log_run(key, summary)
+        write_outputs(out, args, seeds, per_run, t0)
+
+    def failure(error: JobError) -> None:
+        # results.json keeps the traceback; stderr gets one line
+        per_run[error.name] = {"error": error.traceback}
+        print(f"[bench] {error.line()}", file=sys.stderr, flush=True)
+        write_outputs(out, args, seeds, per_run, t0)
+
+    run_jobs(
+        [
+            Job(key, (data, run_dir, worker_threads, untrained))
+            for key, data, run_dir, untrained in work
+        ],
+        _call_worker,
+        n_workers=args.jobs,
+        threads_per_worker=worker_threads,
+        on_result=finished,
+        on_error=failure,
+    )
     table = write_outputs(out, args, seeds, per_run, t0)
     print("\n" + table)
     wall = time.perf_counter() - t0

@@ -19,7 +19,8 @@ vs epoch and vs wall time; epochs and seconds each method needs to reach end-to-
 accuracy (mean over seeds of the first epoch at or above the mean final KD accuracy); and final
 accuracy with 40% of the data against KD with 100%. The report and the JSON are rewritten as
 every run finishes, so a killed benchmark leaves the finished runs' numbers; run directories
-under `OUT/runs` with a `metrics.json` are reused by the next invocation. An earlier invocation's
+under `OUT/runs` with a `metrics.json` are reused by the next invocation; a failed run is
+reported in one line (its traceback in its run directory's error.txt) and the others go on. An earlier invocation's
 report.md, results.json and plot are kept, renamed with their time (report.YYYYmmdd-HHMMSS.md).
 
     python benchmarks/stablekd_fmnist.py                 # full: 15 epochs (3+3+9), 3 seeds
@@ -31,13 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
 import time
-import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import keep_previous  # noqa: E402
+from _pool import Job, JobError, error_record, run_jobs  # noqa: E402
 
 from distillkit.config import config_from_dict
 from distillkit.data.datasets import (
@@ -56,7 +55,7 @@ from distillkit.data.datasets import (
     register_dataset,
 )
 from distillkit.engine.logging import read_metrics
-from distillkit.runner import _execute, _write_run_files, prepare, run
+from distillkit.runner import prepare, run, run_prepared
 
 LIMITED = "fashion-mnist-limited"
 
@@ -166,8 +165,7 @@ def run_spec(spec: dict[str, Any], own_random_subset: float | None = None) -> di
             p = prepare(cfg)
             labels = p.bundle.train.labels.numpy()
             p.train_indices = random_subset(labels, own_random_subset, cfg.seed)
-            _write_run_files(p)
-            _execute(p, None)
+            run_prepared(p)
     rows = [r for r in read_metrics(run_dir) if r.get("test_acc") is not None]
     summary = json.loads((run_dir / "metrics.json").read_text())
     return {
@@ -180,17 +178,21 @@ def run_spec(spec: dict[str, Any], own_random_subset: float | None = None) -> di
 
 
 def _init_worker(train_limit: int, test_limit: int) -> None:
-    """Worker set-up: one torch thread (the workers share the cores), the limited dataset."""
-    torch.set_num_threads(1)
+    """Worker set-up (the pool sets the thread count): the limited dataset."""
     register_limited(train_limit, test_limit)
 
 
+def _curve(spec: dict[str, Any], own: float | None) -> dict[str, Any]:
+    """One run in a worker (looked up here, so run_spec can be replaced in tests)."""
+    return run_spec(spec, own)
+
+
 def _run_job(spec: dict[str, Any], own: float | None) -> dict[str, Any]:
-    """One run in a worker; errors come back as text so one failure does not stop the rest."""
+    """One run here: {"curve": ...}, or {"error": traceback text} so a failure does not raise."""
     try:
-        return {"curve": run_spec(spec, own)}
-    except Exception:  # noqa: BLE001 - reported with the run's name by the parent
-        return {"error": traceback.format_exc()}
+        return {"curve": _curve(spec, own)}
+    except Exception as exc:  # noqa: BLE001 - the same record the pool makes of a failed run
+        return {"error": error_record(spec.get("name", "run"), exc).traceback}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -439,12 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict]] = {}
     failed: list[str] = []
 
-    def finished(name: str, seed: int, outcome: dict[str, Any]) -> None:
-        if "error" in outcome:
-            failed.append(f"{name}_s{seed}")
-            print(f"{name} seed {seed}: FAILED\n{outcome['error']}", file=sys.stderr, flush=True)
-            return
-        curve = outcome["curve"]
+    by_job = {spec["name"]: (name, seed, spec) for name, seed, spec, _ in runs}
+
+    def finished(job: str, curve: dict[str, Any]) -> None:
+        name, seed, _ = by_job[job]
         results.setdefault(name, {})[seed] = curve
         print(
             f"{name} seed {seed}: final acc {curve['final']:.2f} "
@@ -453,28 +453,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         report(args, methods, results, teacher_acc, notes, out, len(runs))
 
+    def failure(error: JobError) -> None:
+        failed.append(error.name)
+        saved = error.save(Path(by_job[error.name][2]["out_dir"]) / "error.txt")
+        print(f"{error.line()} (traceback in {saved})", file=sys.stderr, flush=True)
+
     t0 = time.perf_counter()
-    if args.jobs == 1:
-        for name, seed, spec, own in runs:
-            finished(name, seed, _run_job(spec, own))
-    else:
-        # the workers inherit this, so OpenMP starts with one thread in each of them
-        os.environ["OMP_NUM_THREADS"] = "1"
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=args.jobs,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(args.train_limit, args.test_limit),
-        ) as pool:
-            pending = {
-                pool.submit(_run_job, spec, own): (name, seed) for name, seed, spec, own in runs
-            }
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    name, seed = pending.pop(fut)
-                    finished(name, seed, fut.result())
+    run_jobs(
+        [Job(spec["name"], (spec, own)) for _, _, spec, own in runs],
+        _curve,
+        n_workers=args.jobs,
+        # workers share the cores: one torch thread each
+        threads_per_worker=max(1, threads if args.jobs == 1 else 1),
+        on_result=finished,
+        on_error=failure,
+        initializer=_init_worker,
+        initargs=(args.train_limit, args.test_limit),
+    )
     notes.append(f"all runs took {time.perf_counter() - t0:.0f}s wall time")
     if failed:
         notes.append(f"failed runs: {', '.join(failed)}")

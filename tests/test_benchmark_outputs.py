@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,3 +237,89 @@ def _one_thread():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # the scripts set their own thread counts
+
+
+# -- the worker pool the benchmarks share ---------------------------------------------------------
+def _pool():
+    if str(ROOT / "benchmarks") not in sys.path:  # importable by name, so spawned workers find it
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _pool
+
+    return _pool
+
+
+def pool_job(value: int) -> dict:
+    """A job for the pool tests: fails on a negative value, else reports its thread settings."""
+    import os
+
+    import torch
+
+    if value < 0:
+        raise ValueError(f"negative value {value}\nsecond line")
+    return {
+        "value": value,
+        "threads": torch.get_num_threads(),
+        "omp": os.environ["OMP_NUM_THREADS"],
+    }
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_pool_reports_results_and_one_line_errors_by_job_name(n_workers):
+    pool = _pool()
+    jobs = [pool.Job("good", (3,)), pool.Job("bad", (-1,))]
+    results, errors = [], []
+    failed = pool.run_jobs(
+        jobs,
+        pool_job,
+        n_workers=n_workers,
+        threads_per_worker=3,
+        on_result=lambda name, value: results.append((name, value)),
+        on_error=errors.append,
+    )
+    assert results == [("good", {"value": 3, "threads": 3, "omp": "3"})]
+    assert failed == errors and [e.name for e in errors] == ["bad"]
+    line = errors[0].line()
+    assert "\n" not in line and line.startswith("bad") and "ValueError: negative value -1" in line
+    assert "Traceback" in errors[0].traceback and "pool_job" in errors[0].traceback
+
+
+def test_pool_ctrl_c_stops_the_jobs_not_yet_run():
+    from distillkit.runner import RunInterrupted
+
+    pool = _pool()
+    ran = []
+
+    def job(stop: BaseException | None) -> None:
+        ran.append(stop)
+        if stop is not None:
+            raise stop
+
+    for stop in (KeyboardInterrupt(), RunInterrupted("interrupted; last checkpoint: x")):
+        ran.clear()
+        with pytest.raises(KeyboardInterrupt):
+            jobs = [pool.Job("a", (stop,)), pool.Job("b", (None,))]
+            pool.run_jobs(jobs, job, 1, 1, on_result=lambda *a: None)
+        assert ran == [stop]  # b never started
+
+
+def test_benchmarks_use_only_the_public_api():
+    """No benchmark imports a private name of distillkit (its internals change without notice)."""
+    import ast
+
+    for script in ("mekd_fmnist", "stablekd_fmnist", "mokd_fmnist"):
+        tree = ast.parse((ROOT / "benchmarks" / f"{script}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distillkit"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{script} imports {private} from {node.module}"
+
+
+def test_stablekd_own_random_subset_trains_through_the_public_runner(tmp_path):
+    """The fallback subset path (no distillkit.data.subset) trains a real run on its indices."""
+    bench = _load("stablekd_fmnist")
+    spec = {"dataset": "digits", "model": "mlp", "epochs": 1, "device": "cpu", "quiet": True,
+            "name": "own", "out_dir": str(tmp_path / "own")}  # fmt: skip
+    curve = bench.run_spec(spec, own_random_subset=0.1)
+    indices = np.load(tmp_path / "own" / "subset_indices.npy")
+    assert curve["train_samples"] == len(indices) and 0 < len(indices) < 1347 * 0.2
+    assert curve["epochs"] == [1]
