@@ -71,3 +71,46 @@ def test_cli_rejects_unknown_kernel_and_method():
         _parser().parse_args(["x.npy", "--kernel", "rbf"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["x.npy", "--method", "herding"])
+
+
+@pytest.mark.parametrize("method", ["kt", "kt+", "compresspp"])
+def test_cli_size_n_returns_every_point(tmp_path, method):
+    # a coreset as large as the input is the input itself (MMD 0), without repeats
+    n = 3000
+    src = tmp_path / "pts.npy"
+    np.save(src, np.random.default_rng(2).standard_normal((n, 2)))
+    out = tmp_path / "idx.npy"
+    assert _run([str(src), "--size", str(n), "--method", method, "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), np.arange(n))
+
+
+@pytest.mark.parametrize("method", ["kt", "kt+", "compresspp"])
+def test_cli_unique(tmp_path, method):
+    # a dense cluster plus a few far points: plain KT-SWAP repeats cluster points here
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.standard_normal((400, 2)) * 0.05, rng.standard_normal((40, 2)) * 3])
+    src = tmp_path / "pts.npy"
+    np.save(src, X)
+    out = tmp_path / "idx.npy"
+    argv = [str(src), "--size", "100", "--method", method, "--bandwidth", "1", "--out", str(out)]
+    assert _run(argv + ["--unique"]) == 0
+    idx = np.load(out)
+    assert idx.size == 100 and np.unique(idx).size == 100
+
+
+def test_cli_memory_maps_npy_and_estimates_mmd_for_large_inputs(tmp_path, capsys, monkeypatch):
+    # .npy inputs are memory-mapped (never read whole); above EXACT_MMD_MAX points the
+    # reported MMDs are measured against a uniform sample and say so
+    X = np.random.default_rng(3).standard_normal((800, 2))
+    src = tmp_path / "pts.npy"
+    np.save(src, X)
+    assert isinstance(command._load(str(src)), np.memmap)
+    monkeypatch.setattr(command, "EXACT_MMD_MAX", 200)
+    out = tmp_path / "idx.npy"
+    argv = [str(src), "--method", "compresspp", "--workers", "2", "--out", str(out)]
+    assert _run(argv) == 0
+    text = capsys.readouterr().out
+    assert "estimated against 200 uniformly sampled input points" in text
+    assert np.load(out).shape == (28,)
+    assert _run([str(src), "--method", "compresspp", "--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err

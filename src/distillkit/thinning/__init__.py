@@ -15,7 +15,7 @@ from .kernels import (
     median_bandwidth,
 )
 from .kt import iid, kt, kt_split, kt_swap, split_kernel_for, standard_thin
-from .mmd import kernel_row_means, mmd, mmd_to_gaussian
+from .mmd import integration_error, kernel_row_means, mmd, mmd_to_gaussian
 
 __all__ = [
     "Kernel",
@@ -40,4 +40,5 @@ __all__ = [
     "mmd",
     "mmd_to_gaussian",
     "kernel_row_means",
+    "integration_error",
 ]

@@ -28,27 +28,40 @@ expected Compress output size.
 
 Compress++ splits the input into ``num_bins`` contiguous bins, runs Compress(g) on each,
 concatenates, and thins the result to ``coreset_size`` with target KT (whose trim step
-gives the exact size).
+gives the exact size). Bins are independent: each has its own seed (spawned from
+``seed``) and is read, centred and converted to float32 on its own, so a memory-mapped
+input is streamed bin by bin, bins can run in worker processes or as Dask tasks
+(distributed.py), and the coreset does not depend on where they ran.
+
+Halvings whose L x L kernel matrices fit ``halving.STORE`` elements (per batch of groups)
+compute each matrix once in float32 and read the split, the row means and KT-SWAP from
+it (halving.py); larger ones evaluate split tiles and float64 swap rows on the fly.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import multiprocessing as mp
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .kernels import Kernel
+from .halving import STORE, halve_stored, kernel_matrices, paired_b2, stored_sums
+from .kernels import Kernel, check_points
 from .kt import (
     _check_delta,
     _halve_batch,
     _prepare,
-    _refine,
     _resolve_sizes,
     _rng,
+    _thresholds,
     kt,
     single_thread_blas,
 )
+from .mmd import resolve_kernel
+from .swap import refine
 
 __all__ = ["compress", "compresspp"]
 
@@ -57,6 +70,45 @@ def _check_g(g) -> int:
     if isinstance(g, bool) or int(g) != g or g < 0:
         raise ValueError(f"g must be a non-negative integer, got {g!r}")
     return int(g)
+
+
+def _symmetrise(keep: np.ndarray, L: int, rng: np.random.Generator) -> np.ndarray:
+    """The kept half or its complement, each with probability 1/2 (unbiased halving).
+
+    Without this the MMD-driven choice biases every halving towards a fixed side.
+    """
+    G, h = keep.shape
+    flip = rng.random(G) < 0.5
+    if flip.any():
+        mask = np.zeros((G, L), dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=1)
+        comp = np.nonzero(~mask)[1].reshape(G, h)  # row-major: row g's L/2 positions
+        keep = np.where(flip[:, None], comp, keep)
+    return keep
+
+
+def _swap_halve_stored(
+    kernel: Kernel, Xg: np.ndarray, log_mult: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Kernel halving + KT-SWAP of G groups (G, L, d) on stored matrices -> (G, L/2) local."""
+    K = kernel_matrices(kernel, Xg)
+    G, L, _ = K.shape
+    h = L // 2
+    A = _thresholds(paired_b2(K), log_mult)
+    pos = halve_stored(K, A, rng.random((G, h)))
+    std = np.broadcast_to(np.arange(1, L, 2), (G, h))
+    cands = np.concatenate([pos, std[:, None, :]], axis=1)  # (G, 3, L/2)
+    V = np.zeros((G, L, 3))
+    np.put_along_axis(V, np.swapaxes(cands, 1, 2), 1.0, axis=1)
+    meanK, KV = stored_sums(K, V)
+    # MMD^2 of each candidate up to a constant: v'Kv / h^2 - 2 mean of meanK over it
+    vkv = np.einsum("glc,glc->gc", V, KV)
+    mk = np.take_along_axis(meanK[:, None, :], cands, axis=2).mean(axis=2)
+    pick = (vkv / h**2 - 2.0 * mk).argmin(axis=1)
+    gi = np.arange(G)
+    best = cands[gi, pick]
+    keep = refine(kernel, Xg, best, meanK, 1, True, K=K, ksum=KV[gi, :, pick])
+    return _symmetrise(keep, L, rng)
 
 
 def _halve_groups(
@@ -73,13 +125,18 @@ def _halve_groups(
     """
     G, L = groups.shape
     Xg = X32[groups]
-    acc = np.zeros((G, L)) if swap else None
+    acc = np.zeros((G, L)) if swap and L * L > STORE else None
     log_mult = 2.0 * math.log(2.0 * L / delta)
     if not swap:
         pos = _halve_batch(Xg, kernel, log_mult, rng)  # (G, 2, L/2)
         # symmetrised halving: either child with probability 1/2
         pick = rng.integers(0, 2, size=G)
         keep = pos[np.arange(G), pick]
+    elif L * L <= STORE:
+        per = max(1, STORE // (L * L))
+        keep = np.concatenate(
+            [_swap_halve_stored(kernel, Xg[g : g + per], log_mult, rng) for g in range(0, G, per)]
+        )
     else:
         pos, ksums = _halve_batch(Xg, kernel, log_mult, rng, None, acc, sums=True)
         meanK = acc / L
@@ -90,15 +147,7 @@ def _halve_groups(
         mk = np.take_along_axis(meanK[:, None, :], cands, axis=2).mean(axis=2)
         scores = ksums / h**2 - 2.0 * mk
         best = cands[np.arange(G), scores.argmin(axis=1)]
-        keep = _refine(kernel, Xg, best, meanK, passes=1, unique=True)
-        # symmetrise: the refined half or its complement, each with probability 1/2;
-        # without this the MMD-driven choice biases every halving towards a fixed side
-        flip = rng.random(G) < 0.5
-        if flip.any():
-            mask = np.zeros((G, L), dtype=bool)
-            np.put_along_axis(mask, keep, True, axis=1)
-            comp = np.nonzero(~mask)[1].reshape(G, h)  # row-major: row g's L/2 positions
-            keep = np.where(flip[:, None], comp, keep)
+        keep = _symmetrise(refine(kernel, Xg, best, meanK, passes=1, unique=True), L, rng)
     return np.take_along_axis(groups, keep, axis=1)
 
 
@@ -167,14 +216,17 @@ def _compress_ranges(
     delta: float,
     rng: np.random.Generator,
     swap: bool,
+    load: int | None = None,
 ) -> list[np.ndarray]:
     """Compress(g) of each contiguous range (start, size); returns one index array per root.
 
     delta is shared by all halvings of all ranges: a node covering s points gets
-    delta * s / S (S from _tree), so the halving failure probabilities add up to delta.
+    delta * s / S (S from _tree, or ``load`` when the ranges are part of a larger input),
+    so the halving failure probabilities add up to delta.
     """
     leaf = 4**g
-    nodes, kids, load = _tree(roots, g)
+    nodes, kids, own = _tree(roots, g)
+    load = own if load is None else load
     out: dict[int, np.ndarray] = {}
     max_depth = max(nd[2] for nd in nodes)
     for depth in range(max_depth, -1, -1):
@@ -228,39 +280,88 @@ def compress(
     return np.sort(out)
 
 
-@single_thread_blas
-def compresspp(
-    X: np.ndarray,
-    kernel: Kernel | str = "gaussian",
-    g: int = 4,
-    coreset_size: int | None = None,
-    seed: int | None = None,
-    delta: float = 0.5,
-    num_bins: int = 4,
-    swap: bool = True,
-    unique: bool = False,
-) -> np.ndarray:
-    """Compress++: Compress(g) on num_bins bins, then target KT down to coreset_size.
+_ROWS = 1 << 16  # rows per chunk when streaming through the input
 
-    unique=True makes the final KT-SWAP keep the indices distinct. delta is split between
-    the Compress halvings and the final KT as described in the module docstring.
+
+def _stream_points(X) -> np.ndarray:
+    """Validate X without copying a 2-D float array (a memory map stays on disk)."""
+    if not (isinstance(X, np.ndarray) and X.ndim == 2 and X.size and X.dtype.kind in "fiu"):
+        return check_points(X)
+    for i in range(0, X.shape[0], _ROWS):
+        if not np.all(np.isfinite(X[i : i + _ROWS])):
+            raise ValueError("X contains NaN or inf")
+    return X
+
+
+def _release(X: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped X from this process (they stay in the page cache).
+
+    Reading a bin maps its pages into the process; without this a full pass over a large
+    input would count all of it as resident memory (and be inherited by forked workers).
     """
-    X, kernel, X32 = _prepare(X, kernel)
-    n = X.shape[0]
-    g = _check_g(g)
-    _check_delta(delta)
-    if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-    size, _ = _resolve_sizes(n, coreset_size, None)
-    seeds = np.random.SeedSequence(seed).spawn(2)
-    rng = np.random.default_rng(seeds[0])
+    mm = getattr(X, "_mmap", None) if isinstance(X, np.memmap) else None
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # not fatal: only the resident size is affected
+            pass
+
+
+def _column_mean(X: np.ndarray) -> np.ndarray:
+    total = np.zeros(X.shape[1])
+    for i in range(0, X.shape[0], _ROWS):
+        total += X[i : i + _ROWS].sum(axis=0, dtype=np.float64)
+    return total / X.shape[0]
+
+
+def _bin_points(X: np.ndarray, start: int, size: int, mean: np.ndarray) -> np.ndarray:
+    """Rows start..start+size of X, centred by mean, as float32 (read chunk by chunk)."""
+    out = np.empty((size, X.shape[1]), dtype=np.float32)
+    for i in range(0, size, _ROWS):
+        j = min(size, i + _ROWS)
+        out[i:j] = np.asarray(X[start + i : start + j], dtype=np.float64) - mean
+    return out
+
+
+def compress_bin(
+    kernel: Kernel,
+    X: np.ndarray,
+    start: int,
+    size: int,
+    mean: np.ndarray,
+    g: int,
+    delta: float,
+    load: int,
+    seed: np.random.SeedSequence,
+    swap: bool = True,
+) -> np.ndarray:
+    """Compress(g) of the bin X[start:start+size]: sorted global row indices.
+
+    Only this bin is held in memory (float32); delta * s / load goes to a halving node
+    covering s points. The bin's own seed makes the result independent of where and in
+    which order the bins run.
+    """
+    X32 = _bin_points(X, start, size, mean)
+    _release(X)
+    rng = np.random.default_rng(seed)
+    out = _compress_ranges(kernel, X32, [(0, size)], g, delta, rng, swap, load)[0]
+    return np.sort(out) + start
+
+
+def compresspp_plan(
+    n: int, g: int, size: int, delta: float, num_bins: int
+) -> tuple[list[tuple[int, int]] | None, int, int, float, float]:
+    """Bins, grown g, halving load and the delta split of Compress++ on n points.
+
+    Returns (roots, g, load, delta_compress, delta_kt); roots is None when Compress would
+    keep every point, so that KT on the whole input is the answer.
+    """
     num_bins = int(min(num_bins, n))
     # grow g until Compress keeps enough points (each bin yields about 2^g sqrt(n / bins))
     while 2**g * math.sqrt(n / num_bins) * num_bins < 2 * size and 4**g < n:
         g += 1
     if 4**g * num_bins >= n:
-        # Compress would return its input: thin directly
-        return kt(X, kernel, coreset_size=size, delta=delta, seed=seeds[1], unique=unique)
+        return None, g, 0, 0.0, delta
     base, extra = divmod(n, num_bins)
     roots, s = [], 0
     for i in range(num_bins):
@@ -275,9 +376,92 @@ def compresspp(
     _, m = _resolve_sizes(max(size, int(round(expected))), size, None)
     m = max(m, 1)
     delta_kt = delta * m / (m + 2**m * beta)
-    parts = _compress_ranges(kernel, X32, roots, g, delta - delta_kt, rng, swap)
+    return roots, g, load, delta - delta_kt, delta_kt
+
+
+@single_thread_blas
+def compresspp(
+    X: np.ndarray,
+    kernel: Kernel | str = "gaussian",
+    g: int = 4,
+    coreset_size: int | None = None,
+    seed: int | None = None,
+    delta: float = 0.5,
+    num_bins: int = 4,
+    swap: bool = True,
+    unique: bool = False,
+    workers: int = 1,
+) -> np.ndarray:
+    """Compress++: Compress(g) on num_bins bins, then target KT down to coreset_size.
+
+    unique=True makes the final KT-SWAP keep the indices distinct. delta is split between
+    the Compress halvings and the final KT as described in the module docstring. The
+    bins are streamed: a memory-mapped X is read one bin at a time and never copied
+    whole, and no all-pairs array is formed. workers > 1 compresses bins in that many
+    forked processes (same result as workers=1).
+    """
+    X = _stream_points(X)
+    kernel = resolve_kernel(kernel, X)
+    n = X.shape[0]
+    g = _check_g(g)
+    _check_delta(delta)
+    if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    size, _ = _resolve_sizes(n, coreset_size, None)
+    seeds = np.random.SeedSequence(seed).spawn(2)
+    roots, g, load, delta_c, delta_kt = compresspp_plan(n, g, size, delta, num_bins)
+    if roots is None:  # Compress would return its input: thin directly
+        return kt(X, kernel, coreset_size=size, delta=delta, seed=seeds[1], unique=unique)
+    mean = _column_mean(X)
+    _release(X)
+    bin_seeds = seeds[0].spawn(len(roots))
+    tasks = [
+        (kernel, X, a, z, mean, g, delta_c, load, bin_seeds[i], swap)
+        for i, (a, z) in enumerate(roots)
+    ]
+    parts = _run_bins(tasks, workers)
+    return finish_compresspp(X, kernel, parts, size, delta_kt, seeds[1], unique)
+
+
+_TASKS: list = []  # bin arguments inherited by forked workers (X is never pickled)
+
+
+def _bin_task(i: int) -> np.ndarray:
+    return compress_bin(*_TASKS[i])
+
+
+def _run_bins(tasks: list, workers: int) -> list[np.ndarray]:
+    """compress_bin on every task, in forked worker processes when workers > 1.
+
+    Each bin has its own seed, so the result does not depend on workers.
+    """
+    workers = min(int(workers), len(tasks))
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        return [compress_bin(*t) for t in tasks]
+    _TASKS[:] = tasks
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            return list(ex.map(_bin_task, range(len(tasks))))
+    finally:
+        _TASKS.clear()
+
+
+def finish_compresspp(
+    X: np.ndarray,
+    kernel: Kernel,
+    parts: list[np.ndarray],
+    size: int,
+    delta_kt: float,
+    seed: np.random.SeedSequence,
+    unique: bool,
+) -> np.ndarray:
+    """Final KT of Compress++ on the concatenated bin outputs -> sorted int64 indices."""
     inter = np.sort(np.concatenate(parts))
-    if inter.size < size:  # cannot happen with the g adjustment above, kept as a guard
-        inter = np.arange(n)
-    sub = kt(X[inter], kernel, coreset_size=size, delta=delta_kt, seed=seeds[1], unique=unique)
+    if inter.size < size:  # cannot happen with the g adjustment, kept as a guard
+        inter = np.arange(X.shape[0])
+    sub = kt(
+        np.asarray(X[inter]), kernel, coreset_size=size, delta=delta_kt, seed=seed, unique=unique
+    )
     return np.sort(inter[sub]).astype(np.int64)

@@ -83,6 +83,10 @@ def check_points(X: np.ndarray, name: str = "X") -> np.ndarray:
 
 def median_bandwidth(X: np.ndarray, max_points: int = 1000, seed: int = 0) -> float:
     """Median pairwise Euclidean distance of (a seeded subsample of) X."""
+    if isinstance(X, np.ndarray) and X.ndim == 2 and X.shape[0] > max_points:
+        # subsample before converting: a large (memory-mapped) X is never copied whole
+        idx = np.random.default_rng(seed).choice(X.shape[0], max_points, replace=False)
+        X = X[np.sort(idx)]  # sorted reads; the median does not depend on the order
     X = check_points(X)
     if X.shape[0] > max_points:
         idx = np.random.default_rng(seed).choice(X.shape[0], max_points, replace=False)

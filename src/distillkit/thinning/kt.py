@@ -8,8 +8,11 @@ Implementation notes
   earlier pairs to psi is one matrix-vector product, and only the within-block
   recursion is sequential. Only the lower triangle of each coreset's kernel matrix is
   ever evaluated and nothing of size n x n is stored.
-* Kernel blocks used for decisions are float32 (3-4x cheaper exp); every sum that feeds a
-  decision is accumulated in float64.
+* KT-SPLIT kernel blocks are float32 (3-4x cheaper exp); every sum that feeds a decision
+  is accumulated in float64. KT-SWAP (swap.py) evaluates its rows in float64 and makes a
+  swap only when its exact gain is positive, so a coreset as large as the input stays the
+  input and rounding never makes a swap that raises the MMD.
+* coreset_size == n returns every point (MMD 0) without running anything.
 * In target KT the split blocks of round 1 cover the whole (lower-triangular) kernel
   matrix, so the row means KT-SWAP needs come for free.
 * Any n: KT-SPLIT needs 2^m * floor(n/2^m) points. The r = n mod 2^m points left over
@@ -28,6 +31,7 @@ import numpy as np
 
 from .kernels import Gaussian, Kernel, SumKernel, check_points, single_thread_blas, sqdist
 from .mmd import resolve_kernel
+from .swap import candidate_scores, refine, trim
 
 __all__ = [
     "kt",
@@ -273,123 +277,6 @@ def _split_rounds(
     return P
 
 
-def _candidate_scores(kernel: Kernel, Xg: np.ndarray, S: np.ndarray, meanK: np.ndarray):
-    """MMD^2 (up to a constant) of each candidate: mean K[S,S] - 2 mean meanK[S].
-
-    Xg (G, L, d) float32, S (G, K, s) local positions, meanK (G, L) -> (G, K).
-    """
-    G, Kc, s = S.shape
-    flat = S.reshape(G * Kc, s)
-    gi = np.repeat(np.arange(G), Kc)
-    out = np.empty(G * Kc)
-    per = max(1, _BLOCK // (s * s))
-    for c0 in range(0, G * Kc, per):
-        c1 = min(G * Kc, c0 + per)
-        pts = Xg[gi[c0:c1, None], flat[c0:c1]]
-        if s * s <= _BLOCK:
-            kss = kernel(pts, pts, dtype=np.float32).sum(axis=(1, 2), dtype=np.float64)
-        else:  # a single huge candidate: sum blockwise
-            kss = np.zeros(c1 - c0)
-            step = max(1, _BLOCK // s)
-            for r in range(0, s, step):
-                blk = kernel(pts[:, r : r + step], pts, dtype=np.float32)
-                kss += blk.sum(axis=(1, 2), dtype=np.float64)
-        out[c0:c1] = kss / (s * s) - 2.0 * meanK[gi[c0:c1, None], flat[c0:c1]].mean(axis=1)
-    return out.reshape(G, Kc)
-
-
-def _trim(kernel: Kernel, X32: np.ndarray, S: np.ndarray, meanK: np.ndarray, size: int):
-    """Greedily drop the point whose removal lowers MMD the most until len(S) == size."""
-    s = S.shape[0]
-    if s <= size:
-        return S
-    P = X32[S]
-    r = np.zeros(s)
-    step = max(1, _BLOCK // s)
-    for i in range(0, s, step):
-        r[i : i + step] = kernel(P[i : i + step], P, dtype=np.float32).sum(1, dtype=np.float64)
-    dg = kernel.diag(P).astype(np.float64)
-    mk = meanK[S].astype(np.float64)
-    T, M = r.sum(), mk.sum()
-    alive = np.ones(s, dtype=bool)
-    for k in range(s, size, -1):
-        score = (T - 2.0 * r + dg) / (k - 1) ** 2 - 2.0 * (M - mk) / (k - 1)
-        score[~alive] = np.inf
-        c = int(np.argmin(score))
-        alive[c] = False
-        T -= 2.0 * r[c] - dg[c]
-        M -= mk[c]
-        r -= kernel(P[c : c + 1], P, dtype=np.float32)[0]
-    return S[alive]
-
-
-def _refine(
-    kernel: Kernel,
-    Xg: np.ndarray,
-    S: np.ndarray,
-    meanK: np.ndarray,
-    passes: int = 3,
-    unique: bool = False,
-) -> np.ndarray:
-    """KT-SWAP point refinement for G groups at once; Xg (G, L, d), S (G, s) local."""
-    G, L, _ = Xg.shape
-    s = S.shape[1]
-    S = S.copy()
-    gidx = np.arange(G)
-    ksum = np.zeros((G, L))
-    per = max(1, _BLOCK // max(1, L * s))
-    for g0 in range(0, G, per):
-        g1 = min(G, g0 + per)
-        pts = Xg[gidx[g0:g1, None], S[g0:g1]]
-        if L * s <= _BLOCK:
-            ksum[g0:g1] = kernel(Xg[g0:g1], pts, dtype=np.float32).sum(2, dtype=np.float64)
-        else:
-            step = max(1, _BLOCK // s)
-            for r in range(0, L, step):
-                blk = kernel(Xg[g0:g1, r : r + step], pts, dtype=np.float32)
-                ksum[g0:g1, r : r + step] = blk.sum(2, dtype=np.float64)
-    stat = kernel.diag(Xg) / s - 2.0 * meanK + (2.0 / s) * ksum
-    member = np.zeros((G, L), dtype=bool)
-    if unique:
-        member[gidx[:, None], S] = True
-    two_s = 2.0 / s
-    F = kernel.factor(Xg)  # reused by every row evaluation below
-    chunk = int(max(1, min(s, _BLOCK // max(1, G * L))))
-    for _ in range(max(1, passes)):
-        changed = False
-        for t0 in range(0, s, chunk):
-            t1 = min(s, t0 + chunk)
-            # rows of the current members of slots t0..t1 (a slot only changes at its turn)
-            rows = kernel.eval_factor(Xg[gidx[:, None], S[:, t0:t1]], F)
-            for t in range(t0, t1):
-                c = S[:, t]
-                row_c = rows[:, t - t0, :]
-                stat -= two_s * row_c
-                if unique:
-                    member[gidx, c] = False
-                    z = np.where(member, np.inf, stat).argmin(axis=1)
-                    member[gidx, z] = True
-                else:
-                    z = stat.argmin(axis=1)
-                moved = np.nonzero(z != c)[0]
-                if moved.size == 0:
-                    stat += two_s * row_c
-                    continue
-                changed = True
-                S[:, t] = z
-                if 2 * moved.size >= G:
-                    row_z = kernel.eval_factor(Xg[gidx, z][:, None, :], F)[:, 0, :]
-                else:
-                    row_z = row_c.copy()
-                    row_z[moved] = kernel.eval_factor(Xg[moved, z[moved]][:, None, :], F[moved])[
-                        :, 0, :
-                    ]
-                stat += two_s * row_z
-        if not changed:
-            break
-    return S
-
-
 def standard_thin(
     X: np.ndarray, coreset_size: int | None = None, m: int | None = None
 ) -> np.ndarray:
@@ -404,8 +291,12 @@ def standard_thin(
 def iid(
     X: np.ndarray, coreset_size: int, seed: int | None = None, replace: bool = False
 ) -> np.ndarray:
-    """Uniform random subsample (without replacement unless replace=True)."""
-    X = check_points(X)
+    """Uniform random subsample (without replacement unless replace=True).
+
+    Only the number of rows of X is used, so a large memory-mapped X is not read.
+    """
+    if not (isinstance(X, np.ndarray) and X.ndim == 2 and X.size):
+        X = check_points(X)
     n = X.shape[0]
     size, _ = _resolve_sizes(n, coreset_size, None)
     return np.sort(_rng(seed).choice(n, size, replace=replace).astype(np.int64))
@@ -524,10 +415,10 @@ def _swap_core(kernel, X32, cands, meanK, size, passes, unique, include_standard
         step = max(1, n // s_c)
         std = n - 1 - step * np.arange(s_c, dtype=np.int64)
         cands = np.vstack([cands, std[None, ::-1]])
-    scores = _candidate_scores(kernel, X32[None], cands[None], meanK[None])[0]
+    scores = candidate_scores(kernel, X32[None], cands[None], meanK[None])[0]
     best = cands[int(np.argmin(scores))]
-    best = _trim(kernel, X32, best, meanK, size)
-    return _refine(kernel, X32[None], best[None], meanK[None], passes, unique)[0]
+    best = trim(kernel, X32, best, meanK, size)
+    return refine(kernel, X32[None], best[None], meanK[None], passes, unique)[0]
 
 
 @single_thread_blas
@@ -583,6 +474,8 @@ def kt(
     size, m = _resolve_sizes(n, coreset_size, m)
     _check_delta(delta)
     split_k = split_kernel_for(kernel, split, d, alpha)
+    if size == n:  # the input itself has MMD 0: nothing can beat it
+        return np.arange(n, dtype=np.int64)
     rng = _rng(seed)
     same = split_k is kernel
     cands, ids, left, acc = _split_with_leftovers(

@@ -6,7 +6,7 @@ import numpy as np
 
 from .kernels import Gaussian, Kernel, check_points, get_kernel, single_thread_blas
 
-__all__ = ["mmd", "mmd_to_gaussian", "kernel_row_means", "resolve_kernel"]
+__all__ = ["mmd", "mmd_to_gaussian", "kernel_row_means", "resolve_kernel", "integration_error"]
 
 _BLOCK_ELEMS = 1 << 22  # about 32 MB of float64 per kernel block
 
@@ -129,3 +129,39 @@ def mmd_to_gaussian(
     ez = (s2 / (s2 + 1.0)) ** (d / 2.0) * np.exp(-np.sum(X * X, axis=1) / (2.0 * (s2 + 1.0)))
     ezz = (s2 / (s2 + 2.0)) ** (d / 2.0)
     return float(np.sqrt(max(yy - 2.0 * float(w @ ez) + ezz, 0.0)))
+
+
+def integration_error(
+    X: np.ndarray,
+    f,
+    indices: np.ndarray,
+    weights: np.ndarray | None = None,
+    target: float | np.ndarray | None = None,
+) -> float | np.ndarray:
+    """|coreset average of f - target| (target defaults to the average of f over X).
+
+    f is a callable mapping an (m, d) array to (m,) or (m, k) values, or the values of f at
+    every row of X ((n,) or (n, k)). The coreset average uses ``weights`` (normalised)
+    or equal weights. Returns a float, or an array of k errors for vector-valued f.
+    """
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError(f"X must be a non-empty 2-D array, got shape {X.shape}")
+    idx = _check_indices(indices, X.shape[0])
+    w = _norm_weights(weights, idx.size, "weights")
+    if callable(f):
+        sub = np.asarray(f(np.asarray(X[idx], dtype=np.float64)), dtype=np.float64)
+        full = None if target is not None else np.asarray(f(check_points(X)), dtype=np.float64)
+    else:
+        full = np.asarray(f, dtype=np.float64)
+        if full.shape[:1] != (X.shape[0],):
+            raise ValueError(f"f values must have {X.shape[0]} rows, got shape {full.shape}")
+        sub = full[idx]
+    if sub.shape[:1] != (idx.size,) or sub.ndim > 2 or not np.all(np.isfinite(sub)):
+        raise ValueError("f must give finite values of shape (m,) or (m, k) for m points")
+    est = np.tensordot(w, sub, axes=(0, 0))
+    ref = full.mean(axis=0) if target is None else np.asarray(target, dtype=np.float64)
+    if np.shape(ref) != np.shape(est):
+        raise ValueError(f"target must have shape {np.shape(est)}, got {np.shape(ref)}")
+    err = np.abs(est - ref)
+    return float(err) if err.ndim == 0 else err

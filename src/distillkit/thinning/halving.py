@@ -1,0 +1,139 @@
+"""Kernel halving on stored float32 kernel matrices (Compress's many small halvings).
+
+A Compress halving of L points needs the lower triangle of its kernel matrix for the
+split, every full row for KT-SWAP and the row sums for its target. Computing the L x L
+matrix once (float32) and reading it back is about 4x less kernel work than evaluating
+tiles for the split and float64 rows for the swap, so batches of groups whose matrices
+fit ``STORE`` elements take this path; larger halvings evaluate on the fly.
+
+Precision: the matrix is exactly symmetric (direct differences are symmetric; other
+kernels are symmetrised), and every sum read from it is accumulated in float64, so the
+split, the candidate scores and the swap all work with one consistent kernel K~ (K
+rounded entrywise to float32). Swap gains are then exact for K~; what was harmful
+before was inconsistency between row means and swap rows, not the rounding itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import Gaussian, Kernel, sqdist
+
+STORE = 1 << 26  # float32 elements of stored kernel matrices per batch (256 MB)
+_PAIRS = 128  # pairs per block of the sequential split
+_CHUNK = 1 << 18  # elements per cache-resident chunk (1 MB of float32)
+_TILE = 128  # kernel matrix block edge
+
+
+def kernel_matrices(kernel: Kernel, Xg: np.ndarray) -> np.ndarray:
+    """Symmetric float32 kernel matrices (G, L, L) of the groups Xg (G, L, d) float32.
+
+    Only blocks on or below the diagonal are evaluated; each is mirrored above it, so K is
+    symmetric bit for bit and half the kernel values are computed. Blocks of about 1 MB
+    keep the distance and exp passes in cache. Gaussian distances come from one GEMM
+    (smooth at 0); other radial kernels use direct differences, which stay exact at x = y
+    where a cusp (Laplace, low-order Matern) would amplify GEMM cancellation.
+    """
+    G, L, d = Xg.shape
+    K = np.empty((G, L, L), dtype=np.float32)
+    # 128 x 128 blocks: numpy's transposed copy is 3x slower once a block leaves L1/L2
+    bs = min(L, _TILE)
+    gemm = isinstance(kernel, Gaussian)
+    if gemm:
+        x64 = Xg.astype(np.float64)
+        sq = np.einsum("gld,gld->gl", x64, x64)[..., None]
+        one = np.ones_like(sq)
+        scale = -0.5 / float(kernel.sigma) ** 2
+        A = np.concatenate([x64, sq, one], axis=-1).astype(np.float32)
+        B = (scale * np.concatenate([-2.0 * x64, one, sq], axis=-1)).astype(np.float32)
+        Bt = np.ascontiguousarray(np.swapaxes(B, 1, 2))
+    for i0 in range(0, L, bs):
+        i1 = min(L, i0 + bs)
+        for j0 in range(0, i0 + 1, bs):
+            j1 = min(L, j0 + bs)
+            if gemm:
+                # no clamp at 0: a rounding-positive exponent near x = y gives 1 + 1e-7,
+                # harmless since every consumer reads this same matrix
+                blk = np.matmul(A[:, i0:i1], Bt[:, :, j0:j1])
+                np.exp(blk, out=blk)
+            elif kernel.radial and d <= 8:
+                blk = kernel.profile(sqdist(Xg[:, i0:i1], Xg[:, j0:j1]), d)
+            elif kernel.radial:  # float64 GEMM distances, rounded once
+                D2 = sqdist(Xg[:, i0:i1].astype(np.float64), Xg[:, j0:j1].astype(np.float64))
+                blk = kernel.profile(D2.astype(np.float32), d)
+            else:
+                blk = kernel(Xg[:, i0:i1], Xg[:, j0:j1], dtype=np.float32)
+            if j0 == i0:
+                # a GEMM may round (a, b) and (b, a) differently: mirror the lower triangle
+                lo, hi = np.tril_indices(i1 - i0, -1)
+                blk[:, hi, lo] = blk[:, lo, hi]
+                K[:, i0:i1, j0:j1] = blk
+            else:
+                K[:, i0:i1, j0:j1] = blk
+                K[:, j0:j1, i0:i1] = np.swapaxes(blk, 1, 2)
+    return K
+
+
+def halve_stored(K: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """KT-SPLIT with one round on stored matrices K (G, L, L), L even.
+
+    A (G, L/2) thresholds and U (G, L/2) uniforms per pair. Returns local positions
+    (G, 2, L/2) of the two children, with the same decisions rule as kt._halve_batch.
+    """
+    G, L, _ = K.shape
+    h = L // 2
+    E = np.empty((G, h))
+    w = np.zeros((G, L, 1), dtype=np.float32)  # +1 child 0, -1 child 1, 0 undecided
+    for p0 in range(0, h, _PAIRS):
+        p1 = min(h, p0 + _PAIRS)
+        q0, q1 = 2 * p0, 2 * p1
+        # contributions of all earlier pairs (their weights are final) to psi
+        psi = np.matmul(K[:, q0:q1, :q0], w[:, :q0]).astype(np.float64)[..., 0]
+        Kin = K[:, q0:q1, q0:q1].astype(np.float64)
+        alpha = psi[:, 1::2] - psi[:, 0::2]
+        Gm = Kin[:, 1::2, 1::2] - Kin[:, 1::2, 0::2] - Kin[:, 0::2, 1::2] + Kin[:, 0::2, 0::2]
+        Ab, Ub = A[:, p0:p1], U[:, p0:p1]
+        if G == 1:  # plain floats and row slices beat (1,)-shaped numpy ops
+            al, g = alpha[0], Gm[0]
+            a_l, u_l = Ab[0].tolist(), Ub[0].tolist()
+            e = [0.0] * (p1 - p0)
+            for i in range(p1 - p0):
+                if u_l[i] <= 0.5 * (1.0 - al[i] / a_l[i]):
+                    e[i] = 1.0
+                    al[i + 1 :] += g[i, i + 1 :]
+                else:
+                    e[i] = -1.0
+                    al[i + 1 :] -= g[i, i + 1 :]
+            E[0, p0:p1] = e
+        else:
+            for i in range(p1 - p0):
+                eps = np.where(Ub[:, i] <= 0.5 * (1.0 - alpha[:, i] / Ab[:, i]), 1.0, -1.0)
+                E[:, p0 + i] = eps
+                alpha[:, i + 1 :] += eps[:, None] * Gm[:, i, i + 1 :]
+        # eps = +1 sends the odd point x' to child 0
+        w[:, q0 + 1 : q1 : 2, 0] = E[:, p0:p1]
+        w[:, q0:q1:2, 0] = -E[:, p0:p1]
+    even = np.arange(0, L, 2)
+    plus = E > 0
+    return np.stack([np.where(plus, even + 1, even), np.where(plus, even, even + 1)], axis=1)
+
+
+def paired_b2(K: np.ndarray) -> np.ndarray:
+    """|k(x_2i, .) - k(x_2i+1, .)|^2 per pair from stored matrices -> (G, L/2) float64."""
+    L = K.shape[1]
+    e = np.arange(0, L, 2)
+    b2 = K[:, e, e].astype(np.float64) + K[:, e + 1, e + 1] - 2.0 * K[:, e, e + 1]
+    return np.maximum(b2, 0.0)
+
+
+def stored_sums(K: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row means of K and K @ V (V (G, L, c) float64), both accumulated in float64."""
+    G, L, _ = K.shape
+    mean = np.empty((G, L))
+    KV = np.empty((G, L, V.shape[2]))
+    R = max(1, _CHUNK // (G * L))
+    for r0 in range(0, L, R):
+        Kr = K[:, r0 : r0 + R].astype(np.float64)
+        mean[:, r0 : r0 + R] = Kr.sum(axis=2) / L
+        KV[:, r0 : r0 + R] = np.matmul(Kr, V)
+    return mean, KV

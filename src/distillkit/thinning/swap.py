@@ -1,0 +1,222 @@
+"""KT-SWAP pieces: candidate scores, greedy trim and point-swap refinement (float64).
+
+Why float64 here when the split uses float32 tiles: a swap's gain near a good coreset is
+tiny (about MMD^2 / s, ~1e-8 at n = 2^14 and ~1e-10 between near-duplicates), while a
+float32 kernel row carries ~1e-7 relative error, partly shared by the whole row (the
+|x|^2 term of the distance GEMM). Comparing gains in float32 therefore swaps on rounding
+noise: started from the full input (MMD 0) it used to swap 7% of the points onto
+duplicates. The swap stage costs about s rows of length L per sweep against L^2 / 2
+entries for the split, so float64 here is cheap.
+
+The row means of the target kernel (meanK) come from the float32 split. Every kernel row
+the swap evaluates is a full row over all L points, so it also yields that point's exact
+row mean for free; the statistic is corrected with it before a swap is decided, and a
+swap is made only when its exact float64 gain is positive (above ``_TOL``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import Gaussian, Kernel
+
+_BLOCK = 1 << 22  # elements per kernel block (32 MB in float64)
+_TOL = 1e-12  # smallest accepted gain in MMD^2 * s (kernel values are O(1))
+
+
+def _rows(kernel: Kernel, P: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """float64 kernel rows k(P, Y); the distances use direct differences for d <= 8."""
+    return kernel(P, Y, dtype=np.float64)
+
+
+def candidate_scores(
+    kernel: Kernel, Xg: np.ndarray, S: np.ndarray, meanK: np.ndarray
+) -> np.ndarray:
+    """MMD^2 (up to a constant) of each candidate: mean K[S,S] - 2 mean meanK[S].
+
+    Xg (G, L, d), S (G, K, s) local positions, meanK (G, L) -> (G, K).
+    """
+    G, Kc, s = S.shape
+    flat = S.reshape(G * Kc, s)
+    gi = np.repeat(np.arange(G), Kc)
+    out = np.empty(G * Kc)
+    per = max(1, _BLOCK // (s * s))
+    for c0 in range(0, G * Kc, per):
+        c1 = min(G * Kc, c0 + per)
+        pts = Xg[gi[c0:c1, None], flat[c0:c1]]
+        kss = np.zeros(c1 - c0)
+        step = max(1, _BLOCK // (s * (c1 - c0)))
+        for r in range(0, s, step):
+            kss += _rows(kernel, pts[:, r : r + step], pts).sum(axis=(1, 2))
+        out[c0:c1] = kss / (s * s) - 2.0 * meanK[gi[c0:c1, None], flat[c0:c1]].mean(axis=1)
+    return out.reshape(G, Kc)
+
+
+def trim(kernel: Kernel, X: np.ndarray, S: np.ndarray, meanK: np.ndarray, size: int) -> np.ndarray:
+    """Greedily drop the point whose removal lowers MMD the most until len(S) == size."""
+    s = S.shape[0]
+    if s <= size:
+        return S
+    P = X[S]
+    r = np.zeros(s)
+    step = max(1, _BLOCK // s)
+    for i in range(0, s, step):
+        r[i : i + step] = _rows(kernel, P[i : i + step], P).sum(1)
+    dg = kernel.diag(P).astype(np.float64)
+    mk = meanK[S].astype(np.float64)
+    T, M = r.sum(), mk.sum()
+    alive = np.ones(s, dtype=bool)
+    for k in range(s, size, -1):
+        score = (T - 2.0 * r + dg) / (k - 1) ** 2 - 2.0 * (M - mk) / (k - 1)
+        score[~alive] = np.inf
+        c = int(np.argmin(score))
+        alive[c] = False
+        T -= 2.0 * r[c] - dg[c]
+        M -= mk[c]
+        r -= _rows(kernel, P[c : c + 1], P)[0]
+    return S[alive]
+
+
+def _row_evaluator(kernel: Kernel, X64: np.ndarray):
+    """f(P, which) = float64 rows k(P[g], X64[which][g]) over whole groups, (G', k, L).
+
+    Smooth Gaussian rows (and any radial kernel in d > 8) come from one GEMM against a
+    precomputed factor of X64; other kernels use direct differences, which stay exact at
+    x = y where a cusp (Laplace, low-order Matern) would amplify GEMM cancellation.
+    """
+    if kernel.radial and (isinstance(kernel, Gaussian) or X64.shape[-1] > 8):
+        F = kernel.factor(X64, dtype=np.float64)
+
+        def rows(P, which=None):
+            return kernel.eval_factor(P, F if which is None else F[which])
+
+        return rows
+
+    def rows_direct(P, which=None):
+        return _rows(kernel, P, X64 if which is None else X64[which])
+
+    return rows_direct
+
+
+def _moved_rows(evaluate, X64: np.ndarray, which: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rows of the points pos (local) of the groups which -> (len(which), L)."""
+    G = X64.shape[0]
+    if 2 * which.size < G:
+        return evaluate(X64[which, pos][:, None, :], which)[:, 0, :]
+    # most groups: evaluate all of them (no gathered copy of the factor) and pick the rows
+    full = np.zeros(G, dtype=np.int64)
+    full[which] = pos
+    return evaluate(X64[np.arange(G), full][:, None, :])[which, 0, :]
+
+
+def refine(
+    kernel: Kernel,
+    Xg: np.ndarray,
+    S: np.ndarray,
+    meanK: np.ndarray,
+    passes: int = 3,
+    unique: bool = False,
+    K: np.ndarray | None = None,
+    ksum: np.ndarray | None = None,
+) -> np.ndarray:
+    """KT-SWAP point refinement for G groups at once; Xg (G, L, d), S (G, s) local.
+
+    Each slot in turn is given to the point that minimises the coreset's MMD to the group
+    (distinct points when unique=True); a sweep over the slots repeats up to ``passes``
+    times and stops once a sweep changes nothing. meanK (G, L) are the target row means.
+    With stored kernel matrices K (G, L, L) (see halving.py) rows are read, not evaluated;
+    meanK and ksum (G, L) = K[:, :, S].sum(2) must then come from the same K.
+    """
+    G, L, _ = Xg.shape
+    s = S.shape[1]
+    S = S.copy()
+    gidx = np.arange(G)
+    mk = np.array(meanK, dtype=np.float64)  # corrected to exact values as rows appear
+    if K is not None:
+        X64 = Xg
+        evaluate = None
+
+        def moved_rows(which, pos):
+            return K[0, pos[0]][None] if G == 1 else K[which, pos]
+
+    else:
+        X64 = np.asarray(Xg, dtype=np.float64)
+        ev = _row_evaluator(kernel, X64)
+
+        def evaluate(pos):
+            return ev(X64[gidx[:, None], pos])
+
+        def moved_rows(which, pos):
+            return _moved_rows(ev, X64, which, pos)
+
+    if ksum is None:
+        ksum = np.zeros((G, L))
+        per = max(1, _BLOCK // max(1, L * s))
+        for g0 in range(0, G, per):
+            g1 = min(G, g0 + per)
+            pts = X64[gidx[g0:g1, None], S[g0:g1]]
+            step = max(1, _BLOCK // (s * (g1 - g0)))
+            for r in range(0, L, step):
+                ksum[g0:g1, r : r + step] = _rows(kernel, X64[g0:g1, r : r + step], pts).sum(2)
+    correct = K is None  # stored rows already agree with meanK
+    # stat[g, p] = s/2 * MMD^2 (up to a constant) if p were added to the current coreset:
+    # in these units a row of K enters unscaled, so rows need no extra pass or rounding
+    if K is None:
+        diag = kernel.diag(Xg)
+    else:
+        diag = K[:, np.arange(L), np.arange(L)].astype(np.float64)
+    stat = 0.5 * diag - s * mk + ksum
+    tol = 0.5 * s * _TOL
+    member = np.zeros((G, L), dtype=bool)
+    if unique:
+        member[gidx[:, None], S] = True
+    tmp = np.empty((G, L))
+    # evaluated rows come in chunks of slots; stored rows are read one slot at a time
+    chunk = int(max(1, min(s, _BLOCK // max(1, G * L)))) if K is None else s
+    for _ in range(max(1, passes)):
+        changed = False
+        for t0 in range(0, s, chunk):
+            t1 = min(s, t0 + chunk)
+            if K is None:  # rows of the members of slots t0..t1 (fixed until their turn)
+                rows = evaluate(S[:, t0:t1])
+            for t in range(t0, t1):
+                c = S[:, t]
+                if K is None:
+                    row_c = rows[:, t - t0, :]
+                else:  # a view when there is one group
+                    row_c = K[0, c[0]][None] if G == 1 else K[gidx, c]
+                if correct:  # a full row gives the exact row mean of its point
+                    exact = row_c.mean(axis=1)
+                    stat[gidx, c] -= s * (exact - mk[gidx, c])
+                    mk[gidx, c] = exact
+                np.subtract(stat, row_c, out=tmp)  # the statistic without slot t's point
+                if unique:
+                    member[gidx, c] = False
+                    np.copyto(tmp, np.inf, where=member)
+                z = tmp.argmin(axis=1)
+                moved = np.nonzero(z != c)[0]
+                if moved.size:
+                    zm, cm = z[moved], c[moved]
+                    row_z = moved_rows(moved, zm)
+                    if correct:
+                        exact = row_z.mean(axis=1)
+                        corr = -s * (exact - mk[moved, zm])
+                        stat[moved, zm] += corr
+                        tmp[moved, zm] += corr
+                        mk[moved, zm] = exact
+                    # the exact gain decides: rounding must never make a worse swap
+                    ok = tmp[moved, cm] - tmp[moved, zm] > tol
+                    acc = moved[ok]
+                    if acc.size:
+                        changed = True
+                        S[acc, t] = z[acc]
+                        if acc.size == G:  # in place, no gathered copies
+                            stat += row_z
+                            stat -= row_c
+                        else:  # float64 difference: float32 rows would round it
+                            stat[acc] += np.subtract(row_z[ok], row_c[acc], dtype=np.float64)
+                if unique:
+                    member[gidx, S[:, t]] = True
+        if not changed:
+            break
+    return S
