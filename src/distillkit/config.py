@@ -45,6 +45,8 @@ class RunConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None
+    # options of the dataset's loader or factory (imagefolder: val_fraction, seed)
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     # student (the model being trained)
@@ -57,6 +59,14 @@ class RunConfig:
     teacher_cache: bool | str = False
     # refuse a teacher trained on another dataset or input size (channels and classes always must match)
     teacher_dataset_check: bool = True
+    # a teacher trained outside distillkit (teachers/external.py); teacher= may also name a
+    # TorchScript or .onnx file
+    teacher_model: str | None = None  # zoo name or path/to/file.py:Name, with teacher_weights
+    teacher_weights: str | None = None  # .pt/.pth state_dict or .safetensors
+    teacher_model_kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher_kind: str | None = None  # white-box | soft | hard (default white-box; ONNX soft)
+    teacher_input: str | None = None  # normalized | pixels (default: pixels for exports)
+    teacher_budget: int | None = None  # images a soft/hard teacher may answer (None: unlimited)
     # optimisation
     epochs: int = 10
     batch_size: int = 128  # global batch: split over processes under torchrun
@@ -107,6 +117,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "subset.features": ("pixels", "teacher"),
     "channels_last": ("auto", True, False),
     "teacher_cache": ("auto", True, False),
+}
+# optional keys (None: decided by the teacher's format)
+TEACHER_CHOICES: dict[str, tuple[str, ...]] = {
+    "teacher_kind": ("white-box", "soft", "hard"),
+    "teacher_input": ("normalized", "pixels"),
 }
 
 
@@ -220,8 +235,15 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"config key 'subset.fraction': must be in (0, 1], got {cfg.subset.fraction!r}"
         )
-    if cfg.subset.features == "teacher" and cfg.subset.method == "kt" and not cfg.teacher:
+    has_teacher = cfg.teacher or cfg.teacher_model
+    if cfg.subset.features == "teacher" and cfg.subset.method == "kt" and not has_teacher:
         raise ConfigError("config key 'subset.features': 'teacher' needs a teacher")
+    for key, allowed in TEACHER_CHOICES.items():
+        value = getattr(cfg, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"config key '{key}': unknown value {value!r}; choose from {allowed}")
+    if cfg.teacher_budget is not None and cfg.teacher_budget < 1:
+        raise ConfigError(f"config key 'teacher_budget': must be >= 1, got {cfg.teacher_budget!r}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -304,10 +326,13 @@ def _absolute(path: str | None, base: Path) -> str | None:
 
 
 def with_absolute_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
-    """A copy of cfg whose teacher and data_dir no longer depend on the working directory."""
+    """A copy of cfg whose teacher, teacher_weights and data_dir do not depend on the cwd."""
     where = Path(base) if base is not None else Path.cwd()
     return dataclasses.replace(
-        cfg, teacher=_absolute(cfg.teacher, where), data_dir=_absolute(cfg.data_dir, where)
+        cfg,
+        teacher=_absolute(cfg.teacher, where),
+        teacher_weights=_absolute(cfg.teacher_weights, where),
+        data_dir=_absolute(cfg.data_dir, where),
     )
 
 

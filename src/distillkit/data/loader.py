@@ -55,6 +55,7 @@ class BatchLoader:
         world_size: int = 1,
         indices: Sequence[int] | torch.Tensor | None = None,
         device: torch.device | str = "cpu",
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -91,6 +92,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.memory_format = memory_format  # layout of the yielded batches (channels_last or not)
         self.epoch = 0
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(
             1, -1, 1, 1
@@ -148,27 +150,42 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (x normalized float32, y int64, idx int64 on CPU) for the current epoch."""
         order = self._global_order()
-        gen = None
-        if self.augment:
+        g = self.global_batch_size
+        shards = [self.shard(step) for step in range(len(self))]
+        rows = [order[step * g + shard.positions] for step, shard in enumerate(shards)]
+        crops = None
+        if self.augment and rows:
             # one stream for the global batch, seeded as rank 0's used to be: every rank draws all
-            # samples' crops and flips and keeps its own rows; single-process runs are unchanged
+            # samples' crops and flips and keeps its own rows; single-process runs are unchanged.
+            # The draws are made step by step, in the order a lazy loop would make them.
             gen = torch.Generator().manual_seed(
                 derive_seed(self.seed, self.epoch, _AUGMENT_STREAM, 0)
             )
-        g = self.global_batch_size
-        for step in range(len(self)):
-            shard = self.shard(step)
-            idx = order[step * g + shard.positions]
-            idx_dev = idx.to(self.device)
-            x = to_float(self.images[idx_dev])
-            if gen is not None:
-                params = draw_crop_flip(shard.total, self.padding, self.flip, gen)
-                if params is not None:
-                    offsets, coins = params
-                    pos = shard.positions
-                    x = apply_crop_flip(x, self.padding, offsets[:, pos], coins[pos])
-            x = (x - self._mean) * self._inv_std
-            yield x, self.labels[idx_dev], idx
+            draws = [draw_crop_flip(s.total, self.padding, self.flip, gen) for s in shards]
+            if draws[0] is not None:
+                offsets = torch.cat([o[:, s.positions] for (o, _), s in zip(draws, shards)], 1)
+                coins = torch.cat([c[s.positions] for (_, c), s in zip(draws, shards)])
+                crops = (self._to_device(offsets), self._to_device(coins))
+        # the epoch's indices and draws reach the device in one transfer each, not one per step
+        flat = torch.cat(rows) if rows else order[:0]
+        flat_dev = self._to_device(flat)
+        start = 0
+        for idx in rows:
+            end = start + len(idx)
+            sel = flat_dev[start:end]
+            x = to_float(self.images[sel])
+            if crops is not None:
+                x = apply_crop_flip(x, self.padding, crops[0][:, start:end], crops[1][start:end])
+            # x is this step's own tensor: normalise in place, then lay it out as the model wants
+            x = x.sub_(self._mean).mul_(self._inv_std).contiguous(memory_format=self.memory_format)
+            yield x, self.labels[sel], idx
+            start = end
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        # pinned host memory lets the copy run asynchronously with the step before it
+        return t.pin_memory().to(self.device, non_blocking=True)
 
 
 def make_loaders(

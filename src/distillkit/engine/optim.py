@@ -1,39 +1,55 @@
-"""The default optimizer and learning-rate schedule built from a run's config."""
+"""The default optimizer and learning-rate schedule built from a run's config.
+
+Defined in `methods/optim.py` (below the engine, so methods that configure their own optimizers
+build the student's the same way); the trainer's default optimizer is that one with fused (or
+foreach) kernels: the same update, one kernel per step instead of one per parameter tensor.
+"""
 
 from __future__ import annotations
 
-import math
+import inspect
 
 import torch
 from torch import nn
 
 from distillkit.config import RunConfig
+from distillkit.methods.optim import build_optimizer as build_plain_optimizer
+from distillkit.methods.optim import lr_factor
+
+__all__ = ["build_optimizer", "kernel_choice", "lr_factor", "with_fast_kernels"]
 
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW; no weight decay on biases and norm scales."""
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
+    """SGD (momentum, optional Nesterov) or AdamW, no decay on biases and norms, fast kernels."""
+    return with_fast_kernels(build_plain_optimizer(cfg, params))
+
+
+def kernel_choice(params: list[nn.Parameter]) -> dict[str, bool]:
+    """fused=True where every parameter is a dense float tensor on one CPU or CUDA device,
+    else foreach=True."""
+    devices = {p.device.type for p in params}
+    dense = all(p.is_floating_point() and p.layout == torch.strided for p in params)
+    if dense and len(devices) == 1 and devices <= {"cpu", "cuda"}:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def with_fast_kernels(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`opt` rebuilt with fused or foreach kernels where its class and device have them.
+
+    Only a fresh optimizer (no state yet) whose groups left the choice to torch is rebuilt; the
+    groups keep every hyperparameter, so the update is the same.
+    """
+    cls = type(opt)
+    accepted = inspect.signature(cls.__init__).parameters
+    chosen = any(g.get("fused") or g.get("foreach") for g in opt.param_groups)
+    if opt.state or chosen or "foreach" not in accepted:
+        return opt
+    params = [p for g in opt.param_groups for p in g["params"]]
+    fast = kernel_choice(params)
+    if "fused" in fast and "fused" not in accepted:
+        fast = {"foreach": True}
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0 if cfg.optimizer == "adamw" else cfg.weight_decay},
+        {k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups
     ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def lr_factor(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at a global step: linear warm-up, then the schedule."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "step":
-        epoch = step // steps_per_epoch
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cls(groups, lr=opt.defaults["lr"], **fast)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,16 @@ from distillkit.engine.distributed import (
 from distillkit.engine.evaluation import evaluate
 from distillkit.engine.logging import MetricsLogger
 from distillkit.engine.optim import build_optimizer, lr_factor
-from distillkit.engine.setup import resolve_device, rng_state, seed_everything, set_rng_state
+from distillkit.engine.setup import (
+    fold_frozen_batchnorm,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    use_channels_last,
+)
 from distillkit.methods.base import Distiller, OptimizerConfig, SetupContext
+from distillkit.teachers.local import LocalTeacher
 
 __all__ = [
     "Trainer",
@@ -140,6 +149,8 @@ class Trainer:
             )
         )
         self.distiller.to(device)  # setup may have built modules (generators, heads)
+        # before the optimizers exist: compile and memory formats act on the final modules
+        self.channels_last = self._fast_path()
         self.opts = self._configure_optimizers(steps)
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(o.optimizer, o.lr_lambda or (lambda step: 1.0))
@@ -176,6 +187,42 @@ class Trainer:
         self.images_seen = 0
         self.wall_offset = 0.0
         self._queries_offset = 0
+
+    def _fast_path(self) -> bool:
+        """Fold frozen teachers' BN, pick memory formats, compile; True if the student is NHWC.
+
+        Every choice keeps the step's function: channels_last and BN folding change only the
+        order of float operations (tests/test_speed_paths.py holds the loss trajectory to the
+        plain path's).
+        """
+        cfg, d, cl = self.cfg, self.distiller, torch.channels_last
+        if self.device.type == "cuda" and not cfg.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once
+        teacher = d.teacher if isinstance(d.teacher, nn.Module) else None
+        # a LocalTeacher's model is frozen for good (eval mode, no gradients): EMA teachers and
+        # anything else that still changes are never folded
+        frozen = [
+            m.model for m in (teacher.modules() if teacher else ()) if isinstance(m, LocalTeacher)
+        ]
+        for model in frozen:
+            fold_frozen_batchnorm(model)
+        student = d.student if isinstance(d.student, nn.Module) else None
+        student_cl = student is not None and use_channels_last(
+            cfg.channels_last, student, self.device, cfg.amp
+        )
+        if student_cl:
+            for child in d.children():
+                if child is not teacher:
+                    child.to(memory_format=cl)
+            self.loader.memory_format = cl
+        if teacher is not None and use_channels_last(
+            cfg.channels_last, teacher, self.device, cfg.amp
+        ):
+            teacher.to(memory_format=cl)
+        if cfg.compile:
+            for model in ([student] if student is not None else []) + frozen:
+                model.compile()
+        return student_cl
 
     def _configure_optimizers(self, steps: int) -> list[OptimizerConfig]:
         opts = self.distiller.configure_optimizers()
@@ -238,6 +285,12 @@ class Trainer:
         # extra state first: it may rebuild modules (pools, generators) the weights then fill
         self.distiller.load_extra_state(state.get("extra_state", {}))
         self.distiller.load_trainable_state_dict(state["distiller"])
+        saved, wanted = sorted(state["optimizers"]), sorted(o.name for o in self.opts)
+        if saved != wanted:
+            raise ValueError(
+                f"checkpoint holds optimizers {saved}, this method configures {wanted}: it was "
+                "written by another method or an older distillkit and cannot be resumed"
+            )
         for o, sched in zip(self.opts, self.schedulers):
             o.optimizer.load_state_dict(state["optimizers"][o.name])
             sched.load_state_dict(state["schedulers"][o.name])
@@ -336,8 +389,13 @@ class Trainer:
                 for o in self.opts:
                     self.step_optimizer(o)
             self.scaler.update()
-            for sched in self.schedulers:
-                sched.step()
+            with warnings.catch_warnings():
+                # a manually optimizing method may leave an optimizer idle for a phase (MEKD's
+                # student while the GAN trains); its schedule still advances with the global step
+                if self.manual:
+                    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+                for sched in self.schedulers:
+                    sched.step()
             self.distiller.on_step_end(self.global_step)
             self.global_step += 1
             # accumulate on the device: a .item() per step would stall a GPU
@@ -351,8 +409,9 @@ class Trainer:
                 self._check_finite(loss, losses)
             if bar is not None:
                 bar.update(1)
-                if loss is not None:
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                # reading the loss waits for the device: every 50 steps, with the finite check
+                if loss is not None and step % 50 == 0:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if bar is not None:
             bar.close()
         if self.manual and self.ctx.enabled:
@@ -447,7 +506,7 @@ class Trainer:
 
     def _print_epoch(self, stats: dict[str, float], row: dict[str, Any]) -> None:
         terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss_"))
-        shown = ("train_acc", "test_acc") + tuple(k for k in self.last_eval if k.endswith("_acc"))
+        shown = ("train_acc", "test_acc") + tuple(k for k in self.last_eval if "_acc" in k)
         accs = " ".join(
             f"{k}={row[k]:.2f}" for k in dict.fromkeys(shown) if isinstance(row.get(k), float)
         )
