@@ -49,7 +49,29 @@ from distillkit.models import (
     list_models,
     penultimate_features,
 )
-from distillkit.teachers import CachedTeacher, LocalTeacher
+from distillkit.models.external import resolve_import_spec
+from distillkit.report.run_report import write_run_report
+from distillkit.teachers import (
+    CachedTeacher,
+    ExternalTeacherSpec,
+    LocalTeacher,
+    OpaqueBlackBoxTeacher,
+    is_external_teacher,
+    load_external_teacher,
+)
+
+# the dataset name of a run whose data were handed over as Python objects (not stored)
+IN_MEMORY = "in-memory"
+SPLIT_FILE = "split.json"
+
+
+@dataclass
+class RunObjects:
+    """What a Python caller already holds; used as given instead of being built from the config."""
+
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None  # a white-box teacher module (not reloadable by resume)
+    bundle: DataBundle | None = None
 
 
 @dataclass
@@ -92,27 +114,84 @@ def resolve_options(cfg: RunConfig) -> Any:
     return opts
 
 
-def check_config(cfg: RunConfig) -> Any:
+def unreloadable_model(spec: str) -> str | None:
+    """Why a model recorded from a Python object cannot be rebuilt here (None: it can)."""
+    target, _, attr = spec.rpartition(":")
+    if "<locals>" in attr:
+        where = f"inside a function ({target}:{attr})"
+    elif target == "__main__":
+        try:  # the same interpreter (a notebook) still has it
+            resolve_import_spec(spec, "model")
+            return None
+        except ValueError:
+            where = "in __main__ (a script or notebook)"
+    else:
+        return None
+    name = attr.rsplit(".", 1)[-1]
+    return (
+        f"model {spec!r} is a class defined {where}, which another process cannot import: a run "
+        "from objects defined in __main__ needs the class in an importable file; move it into "
+        f"a module (e.g. mynets.py) and pass an instance of it, or model=mynets.py:{name}"
+    )
+
+
+def _check_teacher_keys(cfg: RunConfig, spec_has_teacher: bool) -> None:
+    """The teacher_* keys fit together and fit the kind of teacher named."""
+    external = is_external_teacher(cfg)
+    if external or cfg.teacher_weights or cfg.teacher_model_kwargs:
+        ExternalTeacherSpec.from_any(cfg).validate()
+        return
+    given = [k for k in ("teacher_kind", "teacher_input", "teacher_budget") if getattr(cfg, k)]
+    if given and not (cfg.teacher or spec_has_teacher):
+        raise ConfigError(f"config key '{given[0]}' needs a teacher")
+    if cfg.teacher_input is not None:
+        raise ConfigError(
+            "config key 'teacher_input': a distillkit run teacher takes the inputs it was "
+            "trained on; teacher_input is for TorchScript, ONNX and teacher_model teachers"
+        )
+    if cfg.teacher_budget is not None and cfg.teacher_kind in (None, "white-box"):
+        raise ConfigError(
+            "config key 'teacher_budget': a budget limits a black-box teacher; set "
+            "teacher_kind=soft or teacher_kind=hard"
+        )
+
+
+def check_config(cfg: RunConfig, objects: RunObjects | None = None) -> Any:
     """Check what config.py cannot: model, dataset and method names, the method's options, and
     whether the method can use the teacher settings. Returns the typed options."""
-    if not is_import_spec(cfg.model) and cfg.model not in list_models():
+    objects = objects or RunObjects()
+    problem = None if objects.student is not None else unreloadable_model(cfg.model)
+    if problem:
+        raise ConfigError(problem)
+    if objects.student is not None:
+        pass  # the caller's module: its recorded spec is checked when a run is resumed
+    elif not is_import_spec(cfg.model) and cfg.model not in list_models():
         close = difflib.get_close_matches(cfg.model, list_models(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
             f"config key 'model': unknown model {cfg.model!r}{hint}; see `distillkit models`, or "
             "give path/to/file.py:Name or package.module:Name"
         )
+    if cfg.dataset == IN_MEMORY and objects.bundle is None:
+        raise ConfigError(
+            "this run's data were given as Python objects (dataset 'in-memory'), which the run "
+            "does not store: give dataset=NAME (and data_dir=...) to continue it"
+        )
     # a name with ':' is a dataset factory (path/to/file.py:factory or package.module:factory)
-    if ":" not in cfg.dataset and cfg.dataset not in list_datasets():
+    if objects.bundle is None and ":" not in cfg.dataset and cfg.dataset not in list_datasets():
         raise ConfigError(
             f"config key 'dataset': unknown dataset {cfg.dataset!r}; choose from "
             f"{', '.join(list_datasets())}, or give path/to/file.py:factory"
         )
     options = resolve_options(cfg)
     spec = get_method(cfg.method)
-    if spec.needs_teacher and not cfg.teacher:
+    # the teacher keys first: a key missing its partner says more than "needs a teacher"
+    _check_teacher_keys(cfg, objects.teacher is not None)
+    has_teacher = bool(cfg.teacher or cfg.teacher_model or objects.teacher is not None)
+    if spec.needs_teacher and not has_teacher:
         raise ConfigError(
-            f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT"
+            f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT, a "
+            "TorchScript/.onnx file, or teacher_model= with teacher_weights="
         )
     if cfg.teacher_cache:
         if not spec.teacher_cache:
@@ -128,13 +207,17 @@ def check_config(cfg: RunConfig) -> Any:
 
 
 def canonical_config(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
-    """A copy of cfg that works from any folder: teacher, data_dir and the import paths of model
-    and dataset made absolute (relative to `base`, default the cwd)."""
+    """A copy of cfg that works from any folder: teacher, teacher_weights, data_dir and the import
+    paths of model, teacher_model and dataset made absolute (relative to `base`, default the cwd)."""
     where = Path(base) if base is not None else Path.cwd()
     cfg = with_absolute_paths(cfg, where)
+    teacher_model = cfg.teacher_model
+    if teacher_model is not None:
+        teacher_model = canonical_model_spec(teacher_model, where)
     return dataclasses.replace(
         cfg,
         model=canonical_model_spec(cfg.model, where),
+        teacher_model=teacher_model,
         dataset=canonical_dataset_spec(cfg.dataset, where),
     )
 
@@ -153,20 +236,39 @@ def check_teacher_data(cfg: RunConfig, meta: dict[str, Any], bundle: DataBundle)
     if meta["num_classes"] != bundle.num_classes or meta["in_channels"] != bundle.in_channels:
         raise ConfigError(f"{where}: a teacher needs the same input channels and classes")
     classes = meta.get("classes")
+    # data handed over as objects have no name or class names of their own to compare
+    named = bundle.name != IN_MEMORY
     differs = (
-        meta.get("dataset") != bundle.name
+        (named and meta.get("dataset") != bundle.name)
         or meta.get("image_size") != bundle.image_size
-        or (classes is not None and list(classes) != list(bundle.classes))
+        or (named and classes is not None and list(classes) != list(bundle.classes))
     )
     if differs and cfg.teacher_dataset_check:
         raise ConfigError(f"{where}; set teacher_dataset_check=false to use it anyway")
 
 
-def load_teacher(cfg: RunConfig, bundle: DataBundle) -> LocalTeacher:
-    """The teacher model of a finished run, checked against the dataset it will see."""
+def load_teacher(
+    cfg: RunConfig, bundle: DataBundle, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The teacher (a finished run or a model trained elsewhere), checked against the data."""
+    if is_external_teacher(cfg):
+        return load_external_teacher(cfg, bundle=bundle, device=device)
     model, state = model_from_checkpoint(cfg.teacher, which="best")
     check_teacher_data(cfg, state["model_meta"], bundle)
-    return LocalTeacher(model)
+    if cfg.teacher_kind in ("soft", "hard"):
+        # not BlackBoxTeacher: methods that re-wrap teacher.model need the answer-only view
+        source = str(cfg.teacher)
+        kind, classes = cfg.teacher_kind, bundle.num_classes
+        teacher = OpaqueBlackBoxTeacher(model, kind, cfg.teacher_budget, "logits", classes, source)
+        return teacher.to(device)
+    return LocalTeacher(model).to(device)
+
+
+def load_run_dataset(cfg: RunConfig) -> DataBundle:
+    """The dataset a config names, with its dataset_kwargs."""
+    return load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **cfg.dataset_kwargs
+    )
 
 
 def build_student(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
@@ -238,9 +340,12 @@ def choose_subset(
     )
 
 
-def prepare(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> Prepared:
+def prepare(
+    cfg: RunConfig, resume_state: dict[str, Any] | None = None, objects: RunObjects | None = None
+) -> Prepared:
     """Build everything for a run; with resume_state, reuse its subset instead of re-selecting."""
-    check_config(cfg)
+    objects = objects or RunObjects()
+    check_config(cfg, objects)
     probe_ctx_rank = DistContext()
     device = resolve_device(cfg.device, probe_ctx_rank.local_rank)
     ctx = init_distributed(device)
@@ -249,12 +354,23 @@ def prepare(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> Prepa
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed_everything(cfg.seed, cfg.deterministic)
-    bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size)
+    bundle = objects.bundle if objects.bundle is not None else load_run_dataset(cfg)
     run_dir = cfg.run_dir()
-    teacher = load_teacher(cfg, bundle).to(device) if cfg.teacher else None
+    teacher: nn.Module | None = None
+    if objects.teacher is not None:
+        teacher = LocalTeacher(objects.teacher).to(device)
+    elif cfg.teacher or cfg.teacher_model:
+        teacher = load_teacher(cfg, bundle, device)
+        info = getattr(teacher, "info", None)
+        if info and ctx.is_main and not cfg.quiet:
+            print(
+                f"teacher: {info['format']} {info['source']} ({info['kind']}, input "
+                f"{info['input']}, outputs {info['outputs']})",
+                flush=True,
+            )
     # the student is built after seeding so every rank (and every rerun) starts from the same weights
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, bundle)
+    student = objects.student if objects.student is not None else build_student(cfg, bundle)
     if teacher is not None and cfg.teacher_cache:  # check_config: the method can use it
         cache_path = run_dir / "teacher_cache" / f"{bundle.name}_train_rank{ctx.rank}.pt"
         teacher = CachedTeacher(teacher, len(bundle.train), cache_path)
@@ -283,6 +399,30 @@ def _write_run_files(p: Prepared, history: list[str] | None) -> None:
     save_config(p.cfg, p.run_dir / "config.yaml", history)
     if p.train_indices is not None:
         np.save(p.run_dir / "subset_indices.npy", np.asarray(p.train_indices, dtype=np.int64))
+    record_split(p)
+
+
+def record_split(p: Prepared) -> None:
+    """Write a carved test split to RUN_DIR/split.json; a resumed run must see the same split."""
+    split = p.bundle.info.get("split")
+    if split is None:
+        return
+    path = p.run_dir / SPLIT_FILE
+    text = json.dumps(split, indent=2) + "\n"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(text):
+            raise ConfigError(
+                f"the test split carved now differs from the one in {path} (same data, "
+                "dataset_kwargs.seed and dataset_kwargs.val_fraction are needed to continue)"
+            )
+        return
+    path.write_text(text)
+    if not p.cfg.quiet:
+        print(
+            f"test split: {split.get('test', 'carved')} ({len(split.get('val_files', []))} "
+            f"images, seed {split.get('seed')}); listed in {path}",
+            flush=True,
+        )
 
 
 def _execute(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]:
@@ -296,6 +436,8 @@ def _execute(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]
         teacher = p.distiller.teacher
         if isinstance(teacher, CachedTeacher):
             teacher.save()
+        if p.ctx.is_main:
+            write_run_report(p.run_dir, summary)
         return summary
     finally:
         # order matters with gloo: barrier and destroy the group first, then drop the DDP wrapper
@@ -321,21 +463,34 @@ def _execute_interruptible(p: Prepared, resume_state: dict[str, Any] | None) -> 
         raise RunInterrupted(interrupted_message(p.run_dir)) from None
 
 
-def run(cfg: RunConfig, history: list[str] | None = None) -> dict[str, Any]:
-    """Train a fresh run from its config; refuses to overwrite a run directory that has checkpoints.
-
-    `history` (e.g. the command line) is written as a comment at the top of config.yaml.
-    """
-    check_config(cfg)
-    # the saved config must work from any folder: paths relative to here become absolute
-    cfg = canonical_config(cfg)
+def refuse_existing_run(cfg: RunConfig) -> None:
+    """FileExistsError if the run directory already holds a checkpoint (resume continues it)."""
     ckpt = cfg.run_dir() / "checkpoints" / "last.pt"
     if ckpt.exists():
         raise FileExistsError(
             f"run directory {cfg.run_dir()} already holds a checkpoint; use `distillkit resume "
             f"{cfg.run_dir()}` to continue it or choose another name/out_dir"
         )
-    p = prepare(cfg)
+
+
+def run(
+    cfg: RunConfig, history: list[str] | None = None, objects: RunObjects | None = None
+) -> dict[str, Any]:
+    """Train a fresh run from its config; refuses to overwrite a run directory that has checkpoints.
+
+    `history` (e.g. the command line) is written as a comment at the top of config.yaml;
+    `objects` holds a student, teacher or data a Python caller already has (distillkit.api).
+    """
+    check_config(cfg, objects)
+    # the saved config must work from any folder: paths relative to here become absolute
+    cfg = canonical_config(cfg)
+    refuse_existing_run(cfg)
+    p = prepare(cfg, objects=objects)
+    return run_prepared(p, history)
+
+
+def run_prepared(p: Prepared, history: list[str] | None = None) -> dict[str, Any]:
+    """Write the files of a `prepare`d run (subset as the caller left it) and train it."""
     if p.ctx.is_main:
         _write_run_files(p, history)
     barrier(p.ctx)
@@ -362,30 +517,63 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     history = read_config_history(run_dir / "config.yaml")
     history.append(f"resume {run_dir} at epoch {trained}: {given}")
     p = prepare(cfg, resume_state=state)
+    _continue_budget(p, cfg, int(state.get("teacher_queries", 0) or 0))
     if p.ctx.is_main:
+        record_split(p)
         save_config(cfg, run_dir / "config.yaml", history)
     return _execute_interruptible(p, state)
 
 
+def _continue_budget(p: Prepared, cfg: RunConfig, spent: int) -> None:
+    """A black-box teacher's teacher_budget counts what the run already asked before resuming."""
+    teacher = p.distiller.teacher
+    teacher = teacher.teacher if isinstance(teacher, CachedTeacher) else teacher
+    if cfg.teacher_budget is not None and isinstance(teacher, OpaqueBlackBoxTeacher):
+        teacher.budget = max(cfg.teacher_budget - spent, 0)
+
+
+def _rebuild(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """model_from_checkpoint, saying why a model recorded from a Python object cannot be rebuilt."""
+    try:
+        return model_from_checkpoint(path, which="best")
+    except ValueError as exc:
+        meta = load_checkpoint(path, which="best").get("model_meta") or {}
+        problem = unreloadable_model(str(meta.get("name", "")))
+        if problem:
+            raise ConfigError(problem) from None
+        raise exc
+
+
 def evaluate_checkpoint(
-    path: str | Path, data_dir: str | None = None, device: str = "auto"
+    path: str | Path, data_dir: str | None = None, device: str = "auto", dataset: str | None = None
 ) -> dict[str, Any]:
-    """Accuracy and loss of a saved model on its dataset's test split."""
+    """Accuracy and loss of a saved model on its dataset's test split (or on `dataset`'s)."""
     from distillkit.engine.trainer import evaluate
 
-    model, state = model_from_checkpoint(path, which="best")
+    model, state = _rebuild(path)
     meta = state["model_meta"]
+    config = state.get("config") or {}
+    name = dataset or meta["dataset"]
+    if name == IN_MEMORY:
+        raise ConfigError(
+            f"{path} was trained on data given as Python objects, which the run does not store; "
+            "name the data to evaluate on with --dataset NAME (and --data-dir), e.g. "
+            "--dataset npz --data-dir data.npz"
+        )
+    # the recorded data_dir and dataset_kwargs belong to the recorded dataset only
+    kwargs = dict(config.get("dataset_kwargs") or {}) if dataset is None else {}
+    where = data_dir or (config.get("data_dir") if dataset is None else None)
     dev = resolve_device(device)
-    cfg_data_dir = data_dir or state["config"].get("data_dir")
-    bundle = load_dataset(meta["dataset"], data_dir=cfg_data_dir, image_size=meta["image_size"])
+    bundle = load_dataset(name, data_dir=where, image_size=meta["image_size"], **kwargs)
     result = evaluate(model.to(dev), bundle.test, bundle, dev)
     return {
         "checkpoint": str(resolve_checkpoint(path, which="best")),
         "model": meta["name"],
-        "dataset": meta["dataset"],
+        "dataset": bundle.name,
         "epoch": state["epoch"],
         "test_acc": result["acc"],
         "test_loss": result["loss"],
+        "test_images": len(bundle.test),
     }
 
 

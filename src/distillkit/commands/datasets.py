@@ -9,7 +9,9 @@ NOTES = {
     "fashion-mnist": "IDX files: data_dir=DIR, $DISTILLKIT_DATA or apt-get install dataset-fashion-mnist",
     "cifar10": "python-pickle batches (cifar-10-batches-py) from data_dir",
     "cifar100": "python-pickle files (cifar-100-python) from data_dir",
-    "imagefolder": "data_dir/{train,test}/<class>/*.png|jpg",
+    "imagefolder": "data_dir/train/<class>/*.png|jpg (+ test/ or val/, else a validation split "
+    "is carved: dataset_kwargs.val_fraction, dataset_kwargs.seed)",
+    "npz": "arrays x_train, y_train, x_test, y_test in data_dir=FILE.npz",
 }
 
 
@@ -25,4 +27,5 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     for name in list_datasets():
         print(f"{name:<14} {NOTES.get(name, '')}")
+    print("also: dataset=path/to/file.py:factory or package.module:factory (see README)")
     return 0

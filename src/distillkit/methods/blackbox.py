@@ -117,7 +117,9 @@ def make_teacher(cfg: Any, options: BlackBoxOptions, teacher: nn.Module | None, 
             "or options.teacher_url=http://HOST:PORT"
         )
     model = teacher.model if hasattr(teacher, "model") else teacher
-    return BlackBoxTeacher(model, kind=options.response, budget=options.budget)
+    # a teacher that only gives labels cannot be asked for probabilities
+    kind = "hard" if getattr(teacher, "kind", None) == "hard" else options.response
+    return BlackBoxTeacher(model, kind=kind, budget=options.budget)
 
 
 def check_single_process(method: str) -> None:
