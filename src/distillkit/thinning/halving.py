@@ -74,6 +74,36 @@ def kernel_matrices(kernel: Kernel, Xg: np.ndarray) -> np.ndarray:
     return K
 
 
+def pair_signs(alpha: np.ndarray, Kin: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """KT-SPLIT's sign of each pair in a block, in order -> (G, P) of +-1 (alpha updated in place).
+
+    alpha (G, P): psi(x'_i) - psi(x_i) from earlier pairs; Kin (G, 2P, 2P) the block's kernel;
+    A, U (G, P) thresholds and uniforms. eps = +1 sends x' to child 0, which changes later pairs'
+    alpha by G[i, p] = <k(x'_i) - k(x_i), k(x'_p) - k(x_p)>.
+    """
+    Gm = Kin[:, 1::2, 1::2] - Kin[:, 1::2, 0::2] - Kin[:, 0::2, 1::2] + Kin[:, 0::2, 0::2]
+    n_groups, n_pairs = alpha.shape
+    E = np.empty((n_groups, n_pairs))
+    if n_groups == 1:  # plain floats and row slices beat (1,)-shaped numpy ops
+        al, g = alpha[0], Gm[0]
+        a_l, u_l = A[0].tolist(), U[0].tolist()
+        e = [0.0] * n_pairs
+        for i in range(n_pairs):
+            if u_l[i] <= 0.5 * (1.0 - al[i] / a_l[i]):
+                e[i] = 1.0
+                al[i + 1 :] += g[i, i + 1 :]
+            else:
+                e[i] = -1.0
+                al[i + 1 :] -= g[i, i + 1 :]
+        E[0] = e
+        return E
+    for i in range(n_pairs):
+        eps = np.where(U[:, i] <= 0.5 * (1.0 - alpha[:, i] / A[:, i]), 1.0, -1.0)
+        E[:, i] = eps
+        alpha[:, i + 1 :] += eps[:, None] * Gm[:, i, i + 1 :]
+    return E
+
+
 def halve_stored(K: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
     """KT-SPLIT with one round on stored matrices K (G, L, L), L even.
 
@@ -91,25 +121,7 @@ def halve_stored(K: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
         psi = np.matmul(K[:, q0:q1, :q0], w[:, :q0]).astype(np.float64)[..., 0]
         Kin = K[:, q0:q1, q0:q1].astype(np.float64)
         alpha = psi[:, 1::2] - psi[:, 0::2]
-        Gm = Kin[:, 1::2, 1::2] - Kin[:, 1::2, 0::2] - Kin[:, 0::2, 1::2] + Kin[:, 0::2, 0::2]
-        Ab, Ub = A[:, p0:p1], U[:, p0:p1]
-        if G == 1:  # plain floats and row slices beat (1,)-shaped numpy ops
-            al, g = alpha[0], Gm[0]
-            a_l, u_l = Ab[0].tolist(), Ub[0].tolist()
-            e = [0.0] * (p1 - p0)
-            for i in range(p1 - p0):
-                if u_l[i] <= 0.5 * (1.0 - al[i] / a_l[i]):
-                    e[i] = 1.0
-                    al[i + 1 :] += g[i, i + 1 :]
-                else:
-                    e[i] = -1.0
-                    al[i + 1 :] -= g[i, i + 1 :]
-            E[0, p0:p1] = e
-        else:
-            for i in range(p1 - p0):
-                eps = np.where(Ub[:, i] <= 0.5 * (1.0 - alpha[:, i] / Ab[:, i]), 1.0, -1.0)
-                E[:, p0 + i] = eps
-                alpha[:, i + 1 :] += eps[:, None] * Gm[:, i, i + 1 :]
+        E[:, p0:p1] = pair_signs(alpha, Kin, A[:, p0:p1], U[:, p0:p1])
         # eps = +1 sends the odd point x' to child 0
         w[:, q0 + 1 : q1 : 2, 0] = E[:, p0:p1]
         w[:, q0:q1:2, 0] = -E[:, p0:p1]

@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from .halving import pair_signs
 from .kernels import Gaussian, Kernel, SumKernel, check_points, single_thread_blas, sqdist
 from .mmd import resolve_kernel
 from .swap import candidate_scores, refine, trim
@@ -209,27 +210,7 @@ def _halve_batch(
                 else:
                     mean_acc[:, q0:q1] += mrow + Mq.astype(np.float64).sum(axis=2)
         alpha = psi[:, 1::2] - psi[:, 0::2]
-        # G[i, p] = <k(x'_i) - k(x_i), k(x'_p) - k(x_p)>, symmetric
-        G = Kin[:, 1::2, 1::2] - Kin[:, 1::2, 0::2] - Kin[:, 0::2, 1::2] + Kin[:, 0::2, 0::2]
-        Ab, Ub = A[:, p0:p1], U[:, p0:p1]
-        nb = p1 - p0
-        if C == 1:
-            al, g = alpha[0], G[0]
-            a_l, u_l = Ab[0].tolist(), Ub[0].tolist()
-            e = [0.0] * nb
-            for i in range(nb):
-                if u_l[i] <= 0.5 * (1.0 - al[i] / a_l[i]):
-                    e[i] = 1.0
-                    al[i + 1 :] += g[i, i + 1 :]
-                else:
-                    e[i] = -1.0
-                    al[i + 1 :] -= g[i, i + 1 :]
-            E[0, p0:p1] = e
-        else:
-            for i in range(nb):
-                eps = np.where(Ub[:, i] <= 0.5 * (1.0 - alpha[:, i] / Ab[:, i]), 1.0, -1.0)
-                E[:, p0 + i] = eps
-                alpha[:, i + 1 :] += eps[:, None] * G[:, i, i + 1 :]
+        E[:, p0:p1] = pair_signs(alpha, Kin, A[:, p0:p1], U[:, p0:p1])
         # eps = +1 sends x' to child 0, which adds k(x') - k(x) to psi
         W[:, q0 + 1 : q1 : 2, 0] = E[:, p0:p1]
         W[:, q0:q1:2, 0] = -E[:, p0:p1]
