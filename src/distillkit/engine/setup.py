@@ -83,6 +83,29 @@ def convolutional(module: nn.Module) -> bool:
     return total > 0 and 2 * conv > total
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` does bfloat16 math in hardware (CUDA sm_80+, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    return False
+
+
+def resolve_amp(setting: str, device: torch.device) -> str:
+    """The autocast mode a run trains in: `setting` none/bf16/fp16 as given, or auto.
+
+    auto: bf16 where the device does bf16 math natively (on one 2-core AVX512-BF16 CPU a
+    resnet20 step ran 1.68x and a resnet8 -> cnn_small KD step 1.54x faster than float32;
+    weights, optimizer state and losses stay float32), none elsewhere.
+    """
+    if setting != "auto":
+        return setting
+    return "bf16" if native_bf16(device) else "none"
+
+
 def use_channels_last(
     setting: bool | str, module: nn.Module, device: torch.device, amp: str
 ) -> bool:
@@ -164,16 +187,23 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def teacher_cache_enabled(cfg: Any, method_caches: bool) -> bool:
+# auto caches only what comfortably fits beside the run: n x classes float32 answers (ImageNet's
+# 1.28M x 1000 would be 5 GB on disk and in memory, which nobody should get without asking)
+AUTO_CACHE_BYTES = 1 << 30
+
+
+def teacher_cache_enabled(cfg: Any, method_caches: bool, entries: int | None = None) -> bool:
     """Whether a run caches its teacher's answers per training sample (config key teacher_cache).
 
-    auto: yes when the inputs are deterministic (augment=false) and the method asks its teacher
-    about training samples by index only (`method_caches`): the teacher then runs once per image,
-    not once per epoch. true insists (a ConfigError where it cannot hold), false never caches.
+    auto: yes when the inputs are deterministic (augment=false), the method asks its teacher
+    about training samples by index only (`method_caches`) and the cache (`entries` float32
+    values, when known) fits in AUTO_CACHE_BYTES: the teacher then runs once per image, not once
+    per epoch. true insists (a ConfigError where it cannot hold), false never caches.
     """
     setting = cfg.teacher_cache
     if setting == "auto":
-        return method_caches and not cfg.augment
+        fits = entries is None or 4 * entries <= AUTO_CACHE_BYTES
+        return method_caches and not cfg.augment and fits
     if not setting:
         return False
     if not method_caches:

@@ -38,6 +38,7 @@ from distillkit.engine.logging import MetricsLogger
 from distillkit.engine.optim import build_optimizer, lr_factor
 from distillkit.engine.setup import (
     fold_frozen_batchnorm,
+    resolve_amp,
     resolve_device,
     rng_state,
     seed_everything,
@@ -150,6 +151,7 @@ class Trainer:
         )
         self.distiller.to(device)  # setup may have built modules (generators, heads)
         # before the optimizers exist: compile and memory formats act on the final modules
+        self.amp = resolve_amp(cfg.amp, device)  # before _fast_path: memory formats follow it
         self.channels_last = self._fast_path()
         self.opts = self._configure_optimizers(steps)
         self.schedulers = [
@@ -158,9 +160,9 @@ class Trainer:
         ]
         # the first optimizer's learning rate is the one logged as `lr`
         self.optimizer = self.opts[0].optimizer
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
         if self.amp_dtype is not None and device.type not in ("cuda", "cpu"):
-            raise ValueError(f"amp={cfg.amp} is supported on cuda and cpu, not {device.type}")
+            raise ValueError(f"amp={self.amp} is supported on cuda and cpu, not {device.type}")
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=(self.amp_dtype == torch.float16 and device.type == "cuda")
         )
@@ -208,7 +210,7 @@ class Trainer:
             fold_frozen_batchnorm(model)
         student = d.student if isinstance(d.student, nn.Module) else None
         student_cl = student is not None and use_channels_last(
-            cfg.channels_last, student, self.device, cfg.amp
+            cfg.channels_last, student, self.device, self.amp
         )
         if student_cl:
             for child in d.children():
@@ -216,7 +218,7 @@ class Trainer:
                     child.to(memory_format=cl)
             self.loader.memory_format = cl
         if teacher is not None and use_channels_last(
-            cfg.channels_last, teacher, self.device, cfg.amp
+            cfg.channels_last, teacher, self.device, self.amp
         ):
             teacher.to(memory_format=cl)
         if cfg.compile:
@@ -462,7 +464,7 @@ class Trainer:
             self.device,
             self.cfg.eval_batch_size,
             self.ctx,
-            self.amp_dtype,
+            None,  # float32: the accuracy recorded is the one export, evaluate and profile give
         )
         return {"test_acc": test["acc"], "test_loss": test["loss"], "score": test["acc"]}
 
@@ -543,6 +545,7 @@ class Trainer:
                 "train_samples": len(self.loader.base_indices),
                 "world_size": self.ctx.world_size,
                 "device": str(self.device),
+                "amp": self.amp,  # what amp=auto resolved to on this device
             }
         )
         return out
