@@ -114,3 +114,18 @@ def test_cli_memory_maps_npy_and_estimates_mmd_for_large_inputs(tmp_path, capsys
     assert np.load(out).shape == (28,)
     assert _run([str(src), "--method", "compresspp", "--workers", "0"]) == 2
     assert "workers" in capsys.readouterr().err
+
+
+def test_cli_never_replaces_an_existing_output_unless_forced(tmp_path, capsys):
+    X = np.random.default_rng(0).standard_normal((256, 2))
+    src = tmp_path / "pts.npy"
+    np.save(src, X)
+    for flag, name in (("--out", "idx.npy"), ("--plot", "plot.png")):
+        target = tmp_path / name
+        target.write_bytes(b"earlier result")
+        assert _run([str(src), "--size", "16", flag, str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{flag} {target} already exists" in err
+        assert target.read_bytes() == b"earlier result"
+        assert _run([str(src), "--size", "16", flag, str(target), "--force"]) == 0
+        assert target.read_bytes() != b"earlier result"

@@ -1,4 +1,7 @@
-"""`distillkit thin` subcommand: thin a point set and compare its MMD with an iid subsample."""
+"""`distillkit thin` subcommand: thin a point set and compare its MMD with an iid subsample.
+
+Inputs: .npy, .csv, or an ArviZ InferenceData netCDF file (.nc, read by thinning.io).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,18 @@ METHODS = ("kt", "kt+", "compresspp", "iid")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `thin` options on parser."""
-    parser.add_argument("input", help="points to thin: .npy (2-D array) or .csv (numeric)")
+    parser.add_argument(
+        "input",
+        help="points to thin: .npy (2-D array), .csv (numeric) or an ArviZ InferenceData "
+        ".nc file (posterior draws, chains x draws as rows)",
+    )
+    parser.add_argument(
+        "--vars",
+        default=None,
+        metavar="A,B,...",
+        help=".nc input: posterior variables to use as columns (default: every numeric one; "
+        "vector-valued variables give one column per element)",
+    )
     parser.add_argument("--size", type=int, default=None, help="coreset size (default sqrt(n))")
     parser.add_argument("--kernel", default="gaussian", choices=sorted(KERNELS))
     parser.add_argument(
@@ -49,9 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="compresspp: run the bins on this Dask scheduler (implies --dask)",
     )
-    parser.add_argument("--out", default=None, help="write the int64 indices here (.npy)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write the int64 indices here: .npy, or .npz with the column names too "
+        "(and chain/draw of each row for .nc input)",
+    )
     parser.add_argument(
         "--plot", default=None, help="PNG of the coreset over the points (2-D input)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out or --plot file"
     )
 
 
@@ -66,7 +88,9 @@ def _load(path: str) -> np.ndarray:
         elif ext == ".csv":
             X = _load_csv(path)
         else:
-            raise ValueError(f"input must be a .npy or .csv file, got {path}")
+            raise ValueError(
+                f"input must be a .npy or .csv file or an ArviZ InferenceData .nc file, got {path}"
+            )
     except (OSError, ValueError) as exc:
         if "input must be" in str(exc):
             raise
@@ -76,6 +100,47 @@ def _load(path: str) -> np.ndarray:
     if X.ndim == 1:
         X = X[:, None]
     return X
+
+
+def _parse_vars(text: str | None) -> list[str] | None:
+    """Variable names from --vars, or None for the default selection."""
+    if text is None:
+        return None
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"--vars needs at least one variable name, got {text!r}")
+    twice = sorted({v for v in names if names.count(v) > 1})
+    if twice:
+        raise ValueError(f"--vars lists {', '.join(twice)} more than once")
+    return names
+
+
+def _load_named(path: str, vars_text: str | None):
+    """(points, column names or None, posterior table or None) for any supported input."""
+    from .io import is_netcdf_path
+
+    if is_netcdf_path(path):
+        from .io import read_posterior_table
+
+        table = read_posterior_table(path, _parse_vars(vars_text))
+        return table.X, table.columns, table
+    if vars_text is not None:
+        raise ValueError("--vars applies to .nc (ArviZ InferenceData) input only")
+    return _load(path), None, None
+
+
+def _save_indices(path: str, idx: np.ndarray, columns, table) -> None:
+    """Indices as .npy, or .npz with the column names (and chain/draw for posterior rows)."""
+    idx = idx.astype(np.int64)
+    if not path.lower().endswith(".npz"):
+        np.save(path, idx)
+        return
+    extra = {}
+    if columns is not None:
+        extra["columns"] = np.array(columns, dtype=str)
+    if table is not None:
+        extra["chain"], extra["draw"] = table.chain_draw(idx)
+    np.savez(path, indices=idx, **extra)
 
 
 def _load_csv(path: str) -> np.ndarray:
@@ -113,7 +178,7 @@ def _bandwidth(text: str) -> float | str:
     return value
 
 
-def _plot(path: str, X: np.ndarray, idx: np.ndarray, title: str) -> None:
+def _plot(path: str, X: np.ndarray, idx: np.ndarray, title: str, columns=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,6 +188,9 @@ def _plot(path: str, X: np.ndarray, idx: np.ndarray, title: str) -> None:
     ax.scatter(X[:, 0], X[:, 1], s=3, c="lightgray", label=f"input (n={len(X)})")
     ax.scatter(X[idx, 0], X[idx, 1], s=14, c="tab:red", label=f"coreset ({len(idx)})")
     ax.set_title(title)
+    if columns is not None:
+        ax.set_xlabel(columns[0])
+        ax.set_ylabel(columns[1])
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -132,7 +200,11 @@ def _plot(path: str, X: np.ndarray, idx: np.ndarray, title: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run `distillkit thin`; returns a process exit code."""
     try:
-        X = _load(args.input)
+        for flag, path in (("--out", args.out), ("--plot", args.plot)):
+            # checked before any work: an earlier result is never replaced unasked
+            if path and os.path.exists(path) and not args.force:
+                raise ValueError(f"{flag} {path} already exists; choose another path or --force")
+        X, columns, table = _load_named(args.input, args.vars)
         n = X.shape[0] if X.ndim else 0
         size = args.size if args.size is not None else max(1, int(round(np.sqrt(n))))
         kernel = get_kernel(args.kernel, bandwidth=_bandwidth(args.bandwidth))
@@ -180,15 +252,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"distillkit thin: error: {exc}", file=sys.stderr)
         return 2
     print(f"input: {args.input} (n={n}, d={X.shape[1]})")
+    if columns is not None:
+        print(f"variables: {', '.join(columns)}")
     print(
         f"method: {args.method}, kernel: {args.kernel}, coreset size: {len(idx)}, {elapsed:.3f} s"
     )
     print(f"MMD(coreset)      = {m_core:.6g}{note}")
     print(f"MMD(iid, same size) = {m_iid:.6g}{note}")
     if args.out:
-        np.save(args.out, idx.astype(np.int64))
+        _save_indices(args.out, idx, columns, table)
         print(f"indices written to {args.out}")
     if args.plot:
-        _plot(args.plot, X, idx, f"{args.method}: MMD {m_core:.3g} vs iid {m_iid:.3g}")
+        title = f"{args.method}: MMD {m_core:.3g} vs iid {m_iid:.3g}"
+        _plot(args.plot, X, idx, title, columns)
         print(f"plot written to {args.plot}")
     return 0
