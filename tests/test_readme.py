@@ -20,6 +20,7 @@ Every command line of those blocks is classified; a line of a kind not listed he
   them and stopped as soon as its parser returns). Where the prose of README's section states the
   learning rate or batch size, the command must run with that value.
 - `python -m pytest PATH...`: every named path must exist (the suite cannot run itself).
+- `bash benchmarks/NAME.sh`: scripts for another machine (a GPU): the file must exist and parse.
 - ```python blocks: run with the venv's python; "epochs=N" strings in them shrink to "epochs=1".
 
 Measured on the 2-core development machine: about 70 s of CPU time for the whole README, run one
@@ -120,6 +121,8 @@ def classify(tokens: list[str], text: str, line: int) -> Command:
         kind = "server" if args[:1] == ["serve-teacher"] else "distillkit"
     elif prog == "torchrun" and "-m" in args and args[args.index("-m") + 1 :][:1] == ["distillkit"]:
         kind = "torchrun"
+    elif prog == "bash" and args[:1] and re.fullmatch(r"benchmarks/[\w.-]+\.sh", args[0]):
+        kind = "shell-script"
     elif re.fullmatch(r"python(3(\.\d+)?)?", prog) and args:
         if args[0] == "-c":
             kind = "python-c"
@@ -254,6 +257,9 @@ def run_command(cmd: Command, cwd: Path) -> None:
             argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
     elif cmd.kind == "python-c":
         argv = [sys.executable, *cmd.argv[1:]]
+    elif cmd.kind == "shell-script":
+        # a device script (GPU checks) cannot run here: it must exist and parse
+        argv = ["bash", "-n", str(ROOT / cmd.argv[1])]
     elif cmd.kind == "python-block":
         code = re.sub(r"""(["'])epochs=\d+\1""", r"\1epochs=1\1", cmd.text)
         argv = [sys.executable, "-c", code]
@@ -371,6 +377,7 @@ KINDS = {
     "benchmark",
     "pytest",
     "python-block",
+    "shell-script",
 }
 
 
