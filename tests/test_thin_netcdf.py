@@ -1,28 +1,17 @@
 """`distillkit thin` on ArviZ InferenceData netcdf files: columns, printed names, errors."""
 
-import argparse
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from distillkit.thinning import command
+from tests.test_thin_cli import _run
 
 h5netcdf = pytest.importorskip("h5netcdf")
 h5py = pytest.importorskip("h5py")
 
 CHAINS, DRAWS = 3, 40
-
-
-def _parser():
-    p = argparse.ArgumentParser()
-    command.add_arguments(p)
-    return p
-
-
-def _run(argv):
-    return command.main(_parser().parse_args(argv))
 
 
 def _posterior_arrays():
