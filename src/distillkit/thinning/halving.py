@@ -74,34 +74,56 @@ def kernel_matrices(kernel: Kernel, Xg: np.ndarray) -> np.ndarray:
     return K
 
 
-def pair_signs(alpha: np.ndarray, Kin: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
+def pair_gram(Kin: np.ndarray) -> np.ndarray:
+    """G[i, p] = <k(x'_i) - k(x_i), k(x'_p) - k(x_p)> of a block's pairs, float64 (G, P, P)."""
+    Gm = Kin[:, 1::2, 1::2].astype(np.float64)
+    Gm -= Kin[:, 1::2, 0::2]
+    Gm -= Kin[:, 0::2, 1::2]
+    Gm += Kin[:, 0::2, 0::2]
+    return Gm
+
+
+def pair_signs(
+    alpha: np.ndarray, Kin: np.ndarray | None, A: np.ndarray, U: np.ndarray, Gm=None
+) -> np.ndarray:
     """KT-SPLIT's sign of each pair in a block, in order -> (G, P) of +-1 (alpha updated in place).
 
-    alpha (G, P): psi(x'_i) - psi(x_i) from earlier pairs; Kin (G, 2P, 2P) the block's kernel;
-    A, U (G, P) thresholds and uniforms. eps = +1 sends x' to child 0, which changes later pairs'
-    alpha by G[i, p] = <k(x'_i) - k(x_i), k(x'_p) - k(x_p)>.
+    alpha (G, P): psi(x'_i) - psi(x_i) from earlier pairs; Kin (G, 2P, 2P) the block's kernel
+    (or its pair_gram Gm); A, U (G, P) thresholds and uniforms. eps = +1 sends x' to child 0,
+    which changes later pairs' alpha by Gm[i, p] = <k(x'_i) - k(x_i), k(x'_p) - k(x_p)>.
     """
-    Gm = Kin[:, 1::2, 1::2] - Kin[:, 1::2, 0::2] - Kin[:, 0::2, 1::2] + Kin[:, 0::2, 0::2]
+    if Gm is None:
+        Gm = pair_gram(Kin)
     n_groups, n_pairs = alpha.shape
-    E = np.empty((n_groups, n_pairs))
+    # eps = +1 iff U <= (1 - alpha / A) / 2, i.e. alpha <= A (1 - 2U) since A > 0
+    thr = A * (1.0 - 2.0 * U)
     if n_groups == 1:  # plain floats and row slices beat (1,)-shaped numpy ops
         al, g = alpha[0], Gm[0]
-        a_l, u_l = A[0].tolist(), U[0].tolist()
+        t_l = thr[0].tolist()
         e = [0.0] * n_pairs
         for i in range(n_pairs):
-            if u_l[i] <= 0.5 * (1.0 - al[i] / a_l[i]):
+            if al[i] <= t_l[i]:
                 e[i] = 1.0
                 al[i + 1 :] += g[i, i + 1 :]
             else:
                 e[i] = -1.0
                 al[i + 1 :] -= g[i, i + 1 :]
-        E[0] = e
-        return E
+        return np.array([e])
+    # pair-major copies: every step then reads and updates contiguous rows
+    al = np.ascontiguousarray(alpha.T)
+    Gt = np.ascontiguousarray(Gm.transpose(1, 2, 0))
+    th = np.ascontiguousarray(thr.T)
+    E = np.empty((n_pairs, n_groups))
+    tmp = np.empty((n_pairs, n_groups))
     for i in range(n_pairs):
-        eps = np.where(U[:, i] <= 0.5 * (1.0 - alpha[:, i] / A[:, i]), 1.0, -1.0)
-        E[:, i] = eps
-        alpha[:, i + 1 :] += eps[:, None] * Gm[:, i, i + 1 :]
-    return E
+        e = E[i]
+        np.copysign(1.0, th[i] - al[i], out=e)  # x - y is +0.0 when x == y: eps = +1
+        rest = Gt[i, i + 1 :]
+        t = tmp[: rest.shape[0]]
+        np.multiply(rest, e, out=t)
+        al[i + 1 :] += t
+    alpha[:] = al.T
+    return E.T.copy()
 
 
 def halve_stored(K: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
@@ -119,9 +141,8 @@ def halve_stored(K: np.ndarray, A: np.ndarray, U: np.ndarray) -> np.ndarray:
         q0, q1 = 2 * p0, 2 * p1
         # contributions of all earlier pairs (their weights are final) to psi
         psi = np.matmul(K[:, q0:q1, :q0], w[:, :q0]).astype(np.float64)[..., 0]
-        Kin = K[:, q0:q1, q0:q1].astype(np.float64)
         alpha = psi[:, 1::2] - psi[:, 0::2]
-        E[:, p0:p1] = pair_signs(alpha, Kin, A[:, p0:p1], U[:, p0:p1])
+        E[:, p0:p1] = pair_signs(alpha, K[:, q0:q1, q0:q1], A[:, p0:p1], U[:, p0:p1])
         # eps = +1 sends the odd point x' to child 0
         w[:, q0 + 1 : q1 : 2, 0] = E[:, p0:p1]
         w[:, q0:q1:2, 0] = -E[:, p0:p1]
