@@ -1,5 +1,7 @@
 """Does MOKD help both models? DINO alone vs MOKD on Fashion-MNIST, without labels in training.
 
+MOKD trains both models from scratch (no supervised teacher), so it takes no `--teacher`.
+
 For every seed: the CNN trained alone (DINO), the ViT trained alone (DINO), and the pair trained
 with MOKD, all at the same epoch budget on the same (unlabelled) training images; with
 `--untrained`, also the MOKD run's pair at initialisation (no training step; its CNN is also the
@@ -10,7 +12,16 @@ markdown table (mean +- std over seeds). OUT/results.json and OUT/report.md are 
 run finishes, so a killed benchmark leaves its finished runs; finished runs are reused and
 interrupted ones resumed when the same command is run again. An earlier invocation's report.md and
 results.json are kept, renamed with their time (report.YYYYmmdd-HHMMSS.md). Every run is an
-ordinary `distillkit train` run (method dino or mokd) through `distillkit.runner`.
+ordinary `distillkit train` run (method dino or mokd) through `distillkit.runner`. Each finished
+run is also appended as one JSON line to `--results` (never rewritten); a run recorded there with
+the same settings is skipped, and `--report` rebuilds the table and the verdicts (MOKD vs DINO
+alone, bootstrap interval over seeds) from that file alone. `--val-fraction F` evaluates on a
+stratified F of the training split (held out from training) instead of the test split.
+
+    # CPU, 2 cores: the full protocol in the background
+    OMP_NUM_THREADS=1 nohup python benchmarks/mokd_fmnist.py --jobs 2 --epochs 30 \\
+        --data-dir /usr/share/datasets/fashion-mnist > mokd_fmnist.log 2>&1 &
+    python benchmarks/mokd_fmnist.py --report
 
     # GPU machine (1 GPU, 16 cores): 9 runs in parallel on the GPU, a few minutes
     python benchmarks/mokd_fmnist.py --device cuda --jobs 9 --seeds 0,1,2 \\
@@ -23,6 +34,7 @@ ordinary `distillkit train` run (method dino or mokd) through `distillkit.runner
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -34,6 +46,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fmnist_teacher as shared  # noqa: E402
 from _common import keep_previous  # noqa: E402
 from _pool import Job, JobError, run_jobs  # noqa: E402
 
@@ -44,6 +57,9 @@ from distillkit.runner import check_config, prepare, resume, run
 KINDS = ("mokd", "dino_vit", "dino_cnn")  # longest first, so parallel workers finish together
 UNTRAINED = ("untrained",)  # --untrained: an evaluation only, after the training runs
 FMNIST_TRAIN = 60000  # training images of Fashion-MNIST: --train-samples is a fraction of them
+FMNIST_PER_CLASS = 6000  # (10 classes of 6000: what a stratified validation carve leaves)
+RESULTS = "benchmarks/results/mokd_fmnist.jsonl"
+PER_RUN = ("kind", "run", "seed")  # what varies within one table
 # one model and its recipe: `model` / `model_kwargs` are the run's (model a) or options.b's
 CNN = {
     "model": "resnet8",
@@ -93,15 +109,24 @@ SMOKE = {
 }
 
 
+def dataset_name(val_fraction: float) -> str:
+    """Fashion-MNIST, or (val_fraction > 0) its train split less a stratified validation carve."""
+    if val_fraction > 0:
+        return shared.register_val_split(val_fraction, 0, "fashion-mnist")
+    return "fashion-mnist"
+
+
 def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Run-level settings shared by every run of one seed (a RunConfig mapping)."""
     subset = {"method": "full"}
+    # a validation carve leaves 10 x (6000 - round(f * 6000)) training images
+    held = 10 * round(args.val_fraction * FMNIST_PER_CLASS)
     if args.train_samples:
-        # a random subset of exactly train_samples images: round(fraction * 60000)
-        fraction = args.train_samples / FMNIST_TRAIN
+        # a random subset of exactly train_samples images: round(fraction * available)
+        fraction = args.train_samples / (FMNIST_TRAIN - held)
         subset = {"method": "random", "fraction": fraction, "per_class": False}
     return {
-        "dataset": "fashion-mnist",
+        "dataset": dataset_name(args.val_fraction),
         "data_dir": args.data_dir,
         "subset": subset,
         "epochs": args.epochs,
@@ -238,6 +263,88 @@ def _call_worker(
     return _worker(data, run_dir, threads, untrained)
 
 
+def settings_of(args: argparse.Namespace, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides one run's result: its identity in the results file."""
+    drop = ("name", "device", "quiet", "data_dir", "seed")
+    shared_part = {k: v for k, v in base_config(args, 0).items() if k not in drop}
+    return {
+        "kind": kind,
+        "seed": data["seed"],
+        "run": {k: v for k, v in data.items() if k not in drop},
+        "shared": {
+            **shared_part,
+            "options": base_options(args),
+            "ema": args.ema,
+            "cross": [args.cnn_cross_weight, args.vit_cross_weight],
+        },  # fmt: skip
+        "val_fraction": args.val_fraction,
+    }
+
+
+def record_of(settings: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """One results-file line: the run's identity and each member's k-NN / linear accuracy."""
+    kind = settings["kind"]
+    rows = {
+        row: {"knn": summary[f"knn_acc_{m}"], "linear": summary[f"linear_acc_{m}"]}
+        for m, row in ROWS.get(kind, MOKD_ROWS).items()
+    }
+    return {
+        "method": kind,
+        "seed": settings["seed"],
+        "epochs": settings["run"]["epochs"],
+        "train_size": summary.get("train_samples"),
+        "split": "val" if settings["val_fraction"] > 0 else "test",
+        "rows": rows,
+        **{k: v for k, v in summary.items() if k.startswith(("knn_acc_", "linear_acc_"))},
+        "train_time_s": summary.get("train_time_s"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "settings": settings,
+    }
+
+
+def report_rows(rows: list[dict[str, Any]], n_boot: int = 2000) -> str:
+    """The table and the MOKD-vs-DINO verdicts of one settings group of the results file."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        for row, accs in r["rows"].items():
+            bucket = per.setdefault(row, {"knn": [], "linear": []})
+            bucket["knn"].append(accs["knn"])
+            bucket["linear"].append(accs["linear"])
+    first, sh = rows[0], rows[0]["settings"]["shared"]
+    lines = [
+        f"Fashion-MNIST {first.get('split', 'test')} split: {first.get('train_size')} unlabelled "
+        f"training images, {first['epochs']} epochs, batch {sh['batch_size']}; "
+        f"{first.get('threads')} thread(s) x {first.get('jobs')} job(s); EMA-teacher features",
+        "",
+        "| model | k-NN acc (%) | linear probe acc (%) | n |",
+        "|---|---|---|---|",
+    ]
+    for key, label in LABELS.items():
+        if key in per:
+            r = per[key]
+            lines.append(f"| {label} | {_fmt(r['knn'])} | {_fmt(r['linear'])} | {len(r['knn'])} |")
+    lines += ["", "Claims (bootstrap: seeds resampled within rows, 95% percentile, seed 0):"]
+    for model in ("cnn", "vit"):
+        alone, mokd = per.get(f"{model}_dino"), per.get(f"{model}_mokd")
+        if alone is None or mokd is None:
+            continue
+        for metric in ("knn", "linear"):
+            gap = statistics.fmean(mokd[metric]) - statistics.fmean(alone[metric])
+            ci = shared.diff_interval(mokd[metric], alone[metric], n_boot)
+            lines.append(shared.verdict_line(
+                f"MOKD improves the {dict(cnn='CNN', vit='ViT')[model]}'s {metric} accuracy over DINO alone "
+                f"({gap:+.2f} points)", ci, 0.0, strict=True))  # fmt: skip
+    return "\n".join(lines)
+
+
+def report_file(path: str | Path) -> str:
+    """The report of every settings group of a results file."""
+    rows = shared.read_results(path)
+    if not rows:
+        return f"{path}: no finished runs recorded"
+    return "\n\n".join(report_rows(g) for g in shared.group_rows(rows, PER_RUN).values())
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -331,7 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--epochs", type=int, default=None, help="default 10 (--smoke: 1)")
+    p.add_argument("--epochs", type=int, default=None, help="default 30 (--smoke: 1)")
     p.add_argument("--seeds", default=None, help="comma-separated (default 0,1; --smoke: 0)")
     p.add_argument(
         "--train-samples",
@@ -373,10 +480,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--smoke", action="store_true", help="tiny run that checks the plumbing")
     p.add_argument("--out", default="runs/bench_mokd_fmnist")
+    p.add_argument("--results", default=RESULTS, help="JSON-lines results file (appended)")
+    p.add_argument("--report", action="store_true", help="print the tables of --results")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out share of train")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     defaults = {
-        "epochs": 10,
+        "epochs": 30,
         "seeds": "0,1",
         "train_samples": 20000,
         "batch_size": 256,
@@ -392,26 +502,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_samples = None
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (sequentially or in --jobs worker processes) and print the table."""
     args = parse_args(argv)
+    if args.report:
+        print(report_file(args.results))
+        return 0
     threads = args.threads or (1 if args.jobs > 1 else None)
     if threads:
         torch.set_num_threads(threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out)
     t0 = time.perf_counter()
-    work = [
-        (f"{kind}_s{seed}", data, str(out / f"seed{seed}" / kind), kind in UNTRAINED)
-        for seed in seeds
-        for kind, data in {
+    done = shared.recorded_settings(shared.read_results(args.results))
+    settings: dict[str, dict[str, Any]] = {}
+    work = []
+    for seed in seeds:
+        runs = {
             **runs_for_seed(args, seed),
             **(untrained_runs(args, seed) if args.untrained else {}),
-        }.items()
-    ]
+        }
+        for kind, data in runs.items():
+            key = f"{kind}_s{seed}"
+            settings[key] = settings_of(args, kind, data)
+            if shared.canonical(settings[key]) in done:
+                continue  # recorded by an earlier invocation
+            # one run directory per settings: another budget never reuses this run
+            digest = hashlib.sha1(shared.canonical(settings[key]).encode()).hexdigest()[:8]
+            run_dir = str(out / f"seed{seed}" / f"{kind}_{digest}")
+            work.append((key, data, run_dir, kind in UNTRAINED))
+    print(f"[bench] {len(work)} run(s) to do, {len(settings) - len(work)} already in "
+          f"{args.results}", file=sys.stderr, flush=True)  # fmt: skip
+    facts = shared.run_facts(threads or torch.get_num_threads(), args.jobs)
     # longest runs first: the pool then ends with the short ones
     work.sort(key=lambda w: (KINDS + UNTRAINED).index(w[0].rsplit("_s", 1)[0]))
     per_run: dict[str, Any] = {}
@@ -422,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finished(key: str, summary: dict[str, Any]) -> None:
         per_run[key] = summary
+        shared.append_result(args.results, {**record_of(settings[key], summary), **facts})
         _log_run(key, summary)
         write_outputs(out, args, seeds, per_run, t0)
 
@@ -441,9 +569,13 @@ def main(argv: list[str] | None = None) -> int:
         threads_per_worker=worker_threads,
         on_result=finished,
         on_error=failure,
+        initializer=dataset_name,
+        initargs=(args.val_fraction,),
     )
     table = write_outputs(out, args, seeds, per_run, t0)
-    print("\n" + table)
+    groups = shared.group_rows(shared.read_results(args.results), PER_RUN)
+    ours = groups.get(shared.group_key(next(iter(settings.values())), PER_RUN), [])
+    print("\n" + (report_rows(ours) if ours else table))
     wall = time.perf_counter() - t0
     print(f"wall time {wall:.0f}s; results in {out / 'results.json'} and {out / 'report.md'}")
     failed = [k for k, v in per_run.items() if "error" in v]

@@ -11,26 +11,25 @@ one student architecture, `--seeds` student seeds. Runs per seed:
 - `kd_kt40`, `stablekd_kt40`: on a kernel-thinning subset (`subset.method=kt`), skipped with a
   note when `distillkit.data.subset` cannot be imported.
 
-Every run has the same epochs, optimizer and LR schedule. The runs are independent: `--jobs N`
-runs N of them at a time in worker processes (spawn, one torch thread each on a CPU; on a GPU
-they share it). Reports (markdown on stdout and in `OUT/report.md`, raw numbers in
-`OUT/results.json`, curves in `OUT/stablekd_fmnist.png`): test accuracy (mean +- std over seeds)
-vs epoch and vs wall time; epochs and seconds each method needs to reach end-to-end KD's final
-accuracy (mean over seeds of the first epoch at or above the mean final KD accuracy); and final
-accuracy with 40% of the data against KD with 100%. The report and the JSON are rewritten as
-every run finishes, so a killed benchmark leaves the finished runs' numbers; run directories
-under `OUT/runs` with a `metrics.json` are reused by the next invocation; a failed run is
-reported in one line (its traceback in its run directory's error.txt) and the others go on. An earlier invocation's
-report.md, results.json and plot are kept, renamed with their time (report.YYYYmmdd-HHMMSS.md).
+Same epochs, optimizer and LR schedule for every run; `--jobs N` runs N at a time (spawned
+workers, one torch thread each on a CPU). Each finished run is appended as a JSON line to
+`--results` (never rewritten; a rerun skips runs recorded with the same settings, so running the
+same command again continues an interrupted benchmark); a failed run is reported in one line
+(traceback in its run directory's error.txt). The report, rebuilt from the results file alone
+(`--report`; also OUT/report.md, curves in OUT/stablekd_fmnist.png): final accuracy, the epoch
+each seed first reaches KD's final accuracy, 40% data against KD at 100%, the gain at 100%, and
+a verdict per claim with the bootstrap interval that decides it. `--val-fraction F` evaluates on
+a stratified F of the training split instead of the test split.
 
-    python benchmarks/stablekd_fmnist.py                 # full: 15 epochs (3+3+9), 3 seeds
-    python benchmarks/stablekd_fmnist.py --smoke         # a minute on a CPU: tiny everything
-    python benchmarks/stablekd_fmnist.py --device cuda --jobs 16   # a GPU with 16 CPU cores
+    python benchmarks/stablekd_fmnist.py --teacher bench_results/fmnist_teacher --jobs 2
+    python benchmarks/stablekd_fmnist.py --report        # the tables, from the results file
+    python benchmarks/stablekd_fmnist.py --smoke --results /tmp/stablekd_smoke.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fmnist_teacher as shared  # noqa: E402
 from _common import keep_previous  # noqa: E402
 from _pool import Job, JobError, error_record, run_jobs  # noqa: E402
 
@@ -58,6 +58,8 @@ from distillkit.engine.logging import read_metrics
 from distillkit.runner import prepare, run, run_prepared
 
 LIMITED = "fashion-mnist-limited"
+RESULTS = "benchmarks/results/stablekd_fmnist.jsonl"
+PER_RUN = ("run", "seed", "method", "options", "subset")  # what varies within one table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,31 +77,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-epochs", default="3,3,9", help="must sum to --epochs")
     p.add_argument("--blocks-per-stage", default="4,2,1")
     p.add_argument("--feat-weight", type=float, default=1.0)
-    p.add_argument(
-        "--stablekd-options",
-        default="{}",
-        help='more StableKD options as JSON, e.g. \'{"block_input": "teacher"}\'',
-    )
+    p.add_argument("--stablekd-options", default="{}", help="more StableKD options, JSON")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--fraction", type=float, default=0.4)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--skip-kt", action="store_true", help="leave out the kernel-thinning subsets")
-    p.add_argument(
-        "--train-limit", type=int, default=0, help="use the first N train images (0: all)"
-    )
+    p.add_argument("--train-limit", type=int, default=0, help="first N train images (0: all)")
     p.add_argument("--test-limit", type=int, default=0, help="use the first N test images (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument(
-        "--jobs", type=int, default=1, help="runs at a time, each in its own worker process"
-    )
-    p.add_argument(
-        "--only",
-        default="",
-        help="comma-separated run names to do (default: all), e.g. kd,stablekd",
-    )
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (worker processes)")
+    p.add_argument("--only", default="", help="run names to do (default all), e.g. kd,stablekd")
     p.add_argument("--smoke", action="store_true", help="tiny sizes to check the pipeline")
+    p.add_argument("--results", default=RESULTS, help="JSON-lines results file (appended)")
+    p.add_argument("--report", action="store_true", help="print the tables of --results")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out share of train")
     args = p.parse_args(argv)
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.smoke:
         args.teacher_model, args.teacher_epochs = "cnn_medium", 3
         args.epochs, args.stage_epochs, args.seeds = 3, "1,1,1", "0"
@@ -174,12 +169,20 @@ def run_spec(spec: dict[str, Any], own_random_subset: float | None = None) -> di
         "seconds": [float(v) for v in np.cumsum([r["epoch_time"] for r in rows])],
         "final": summary["test_acc"],
         "train_samples": summary["train_samples"],
+        "train_time_s": summary.get("train_time_s"),
+        "wall_time_s": summary.get("wall_time_s"),
     }
 
 
-def _init_worker(train_limit: int, test_limit: int) -> None:
-    """Worker set-up (the pool sets the thread count): the limited dataset."""
-    register_limited(train_limit, test_limit)
+def register_data(train_limit: int, test_limit: int, val_fraction: float) -> str:
+    """The dataset the runs train on: limited, then (with val_fraction) split for validation."""
+    name = register_limited(train_limit, test_limit)
+    return shared.register_val_split(val_fraction, 0, name) if val_fraction > 0 else name
+
+
+def _init_worker(train_limit: int, test_limit: int, val_fraction: float = 0.0) -> None:
+    """Worker set-up (the pool sets the thread count): the datasets the runs name."""
+    register_data(train_limit, test_limit, val_fraction)
 
 
 def _curve(spec: dict[str, Any], own: float | None) -> dict[str, Any]:
@@ -206,51 +209,6 @@ def time_to(curve: dict[str, Any], target: float) -> tuple[int | None, float | N
         if a >= target:
             return e, s
     return None, None
-
-
-def plot(results: dict[str, list[dict]], args: argparse.Namespace, path: Path) -> None:
-    """Test accuracy vs epoch and wall time (100% data), and the subsets against KD 100%."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    bounds = np.cumsum([int(e) for e in args.stage_epochs.split(",")])[:-1]
-    full = [m for m in ("student", "kd", "stablekd") if m in results]
-    small = [m for m in results if m not in ("student", "stablekd")]
-    for ax, methods, xkey in (
-        (axes[0], full, "epochs"),
-        (axes[1], full, "seconds"),
-        (axes[2], small, "epochs"),
-    ):
-        for m in methods:
-            curves = results[m]
-            n = min(len(c["acc"]) for c in curves)
-            acc = np.array([c["acc"][:n] for c in curves])
-            x = np.mean([c[xkey][:n] for c in curves], axis=0)
-            mu, sd = acc.mean(0), acc.std(0)
-            style = "--" if m == "kd" and ax is axes[2] else "-"
-            ax.plot(x, mu, style, marker="o", ms=3, label=m)
-            ax.fill_between(x, mu - sd, mu + sd, alpha=0.2)
-        if xkey == "epochs":
-            for b in bounds:
-                ax.axvline(b + 0.5, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("epoch" if xkey == "epochs" else "wall time (s, train + eval)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        if methods:
-            ax.legend(fontsize=8)
-    axes[0].set_title("100% data, vs epoch (dotted: stage boundaries)")
-    axes[1].set_title("100% data, vs wall time")
-    axes[2].set_title(f"{args.fraction:.0%} subsets vs KD 100%")
-    fig.suptitle(
-        f"Fashion-MNIST: {args.teacher_model} -> {args.student_model}, "
-        f"{len(args.seeds.split(','))} seed(s), mean +- std"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def build_runs(
@@ -307,10 +265,14 @@ def build_runs(
                 "model": args.student_model,
                 "epochs": args.epochs,
                 "seed": seed,
-                "out_dir": str(out / "runs" / f"{name}_s{seed}"),
             }
+            # one run directory per settings: another budget never reuses this run
+            digest = hashlib.sha1(shared.canonical(spec).encode()).hexdigest()[:8]
+            spec["out_dir"] = str(out / "runs" / f"{name}_s{seed}_{digest}")
             if extra["method"] != "ce":
                 spec["teacher"] = str(teacher_dir)
+                # limited / validation datasets are parts of fashion-mnist under another name
+                spec["teacher_dataset_check"] = base["dataset"] == "fashion-mnist"
             own = None
             if "subset" in extra and not have_subset:
                 own = spec.pop("subset")["fraction"]  # the runner would need data.subset
@@ -400,14 +362,151 @@ def report(
     return text
 
 
+def settings_of(args: argparse.Namespace, name: str, spec: dict[str, Any], ckpt: str) -> dict:
+    """Everything that decides one run's result: its identity in the results file."""
+    drop = ("name", "out_dir", "quiet", "device", "data_dir", "teacher")
+    return {
+        "run": name,
+        **{k: v for k, v in spec.items() if k not in drop},
+        # StableKD's settings and the teacher belong to every run of the table
+        "stablekd": [getattr(args, k) for k in ("stage_epochs", "blocks_per_stage")]
+        + [args.feat_weight, args.stablekd_options],
+        "train_limit": args.train_limit,
+        "test_limit": args.test_limit,
+        "val_fraction": args.val_fraction,
+        "teacher_checkpoint": ckpt,
+    }
+
+
+def record_of(settings: dict[str, Any], curve: dict[str, Any], data: str) -> dict[str, Any]:
+    """One results-file line: the run's identity, final accuracy and its per-epoch curve."""
+    return {
+        "method": settings["run"],
+        "base_method": settings["method"],
+        "seed": settings["seed"],
+        "epochs": settings["epochs"],
+        "train_size": curve["train_samples"],
+        "data": data,
+        "split": "val" if settings["val_fraction"] > 0 else "test",
+        "final_acc": curve["final"],
+        "curve_epochs": curve["epochs"],
+        "curve_acc": curve["acc"],
+        "curve_seconds": curve["seconds"],
+        "train_time_s": curve.get("train_time_s"),
+        "wall_time_s": curve.get("wall_time_s"),
+        "settings": settings,
+    }
+
+
+def _first_epoch(row: dict[str, Any], target: float) -> int | None:
+    """First epoch whose accuracy is at or above target (None: never)."""
+    return next((e for e, a in zip(row["curve_epochs"], row["curve_acc"]) if a >= target), None)
+
+
+def report_rows(rows: list[dict[str, Any]], n_boot: int = 2000) -> str:
+    """Table, convergence and data-efficiency numbers and verdicts of one settings group."""
+    by: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        by.setdefault(r["method"], []).append(r)
+    first, s = rows[0], rows[0]["settings"]
+    kd = by.get("kd", [])
+    target = float(np.mean([r["final_acc"] for r in kd])) if kd else None
+    lines = [
+        f"Fashion-MNIST {first.get('split', 'test')} split: teacher {first.get('teacher_model')} "
+        f"({first.get('teacher_acc')}% test) -> {s['model']}, {s['epochs']} epochs, StableKD "
+        f"stages {s['stablekd'][1]} blocks x {s['stablekd'][0]} epochs, lr "
+        f"{s['lr']}, batch {s['batch_size']}; {first.get('threads')} thread(s) x "
+        f"{first.get('jobs')} job(s)",
+        "",
+        "| run | data | train images | n | final acc (%) | epoch reaching KD's final, per seed "
+        "| mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    reach: dict[str, list[float]] = {}
+    for name, rs in by.items():
+        firsts = [_first_epoch(r, target) for r in rs] if target is not None else []
+        # never reached: counted as one epoch past the budget, so a speed-up is a lower bound
+        reach[name] = [float(f) if f is not None else r["epochs"] + 1.0 for f, r in zip(firsts, rs)]
+        per_seed = ", ".join("-" if f is None else str(f) for f in firsts) or "n/a"
+        mean = f"{np.mean(reach[name]):.1f}" if reach[name] else "n/a"
+        accs = [r["final_acc"] for r in rs]
+        lines.append(
+            f"| {name} | {rs[0]['data']} | {rs[0]['train_size']} | {len(rs)} | {shared.pm(accs)} "
+            f"| {per_seed} | {mean} |"
+        )
+    lines.append("")
+    if target is None:
+        return "\n".join([*lines, "no KD run at 100% yet: no target, no verdicts"])
+    lines.append(f"target: KD's final accuracy at 100%: {target:.2f}; `-`: not reached")
+    lines += ["", "Claims (bootstrap: seeds resampled within runs, 95% percentile, seed 0):"]
+    kd_acc = [r["final_acc"] for r in kd]
+
+    if "stablekd" in by:
+        ratio = shared.bootstrap(
+            {"kd": reach["kd"], "sk": reach["stablekd"]},
+            lambda g: float(np.mean(g["kd"]) / np.mean(g["sk"])),
+            n=n_boot,
+        )
+        speed = np.mean(reach["kd"]) / np.mean(reach["stablekd"])
+        lines.append(shared.verdict_line(
+            f"StableKD reaches KD's final accuracy in fewer epochs (speed-up {speed:.2f}x)",
+            ratio, 1.0, strict=True))  # fmt: skip
+        lines.append(shared.verdict_line("... up to 10x faster", ratio, 10.0))
+        sk = [r["final_acc"] for r in by["stablekd"]]
+        lines.append(shared.verdict_line(
+            f"StableKD gains accuracy at 100% ({np.mean(sk) - np.mean(kd_acc):+.2f} points)",
+            shared.diff_interval(sk, kd_acc, n_boot), 0.0, strict=True))  # fmt: skip
+    for name, rs in by.items():
+        if rs[0]["data"] == "100%" or name == "student":
+            continue
+        accs = [r["final_acc"] for r in rs]
+        lines.append(shared.verdict_line(
+            f"{name} ({rs[0]['data']}) matches KD at 100% ({np.mean(accs) - np.mean(kd_acc):+.2f} "
+            "points)", shared.diff_interval(accs, kd_acc, n_boot), 0.0))  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy vs epoch of KD (dashed) and StableKD (solid), at 100% and on each subset."""
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["base_method"] in ("kd", "stablekd"):
+            series.setdefault(f"{r['method']} ({r['data']})", []).append(r)
+    curves = {
+        label: ([r["curve_epochs"] for r in rs], [r["curve_acc"] for r in rs],
+                "-" if rs[0]["base_method"] == "stablekd" else "--")
+        for label, rs in sorted(series.items())
+    }  # fmt: skip
+    title = "Fashion-MNIST: KD (dashed) and StableKD (solid), mean ± std over seeds"
+    ylabel = f"{rows[0].get('split', 'test')} accuracy (%)"
+    return shared.plot_curves(curves, path, title, "epoch", ylabel)
+
+
+def report_file(path: str | Path, out: Path | None = None) -> str:
+    """The report of every settings group of a results file (plots into out when given)."""
+    rows = shared.read_results(path)
+    if not rows:
+        return f"{path}: no finished runs recorded"
+    texts = []
+    for i, group in enumerate(shared.group_rows(rows, PER_RUN).values()):
+        texts.append(report_rows(group))
+        if out is not None:
+            png = plot_rows(group, out / f"stablekd_fmnist_{i}.png")
+            texts[-1] += f"\n\ncurves: {png}"
+    return "\n\n".join(texts)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Train the teacher if needed, run every (method, fraction, seed), report."""
+    """Train the teacher if needed, run every (method, fraction, seed) not yet recorded, report."""
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.report:
+        print(report_file(args.results, out))
+        return 0
     threads = int(os.environ.get("OMP_NUM_THREADS", "4"))
     torch.set_num_threads(max(1, threads if args.jobs == 1 else 1))
-    out = Path(args.out)
     keep_previous(out, ["report.md", "results.json", "stablekd_fmnist.png"])
-    dataset = register_limited(args.train_limit, args.test_limit)
+    dataset = register_data(args.train_limit, args.test_limit, args.val_fraction)
     base = {
         "dataset": dataset,
         "data_dir": args.data_dir,
@@ -418,13 +517,12 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_epochs": 1.0 if args.epochs > 3 else 0.0,
     }
     teacher_dir = Path(args.teacher) if args.teacher else out / "teacher"
-    if not (teacher_dir / "metrics.json").is_file():
-        if args.teacher:
-            raise SystemExit(f"--teacher {teacher_dir} has no metrics.json (not a finished run)")
+    if not (teacher_dir / "metrics.json").is_file() and not args.teacher:
         t0 = time.perf_counter()
         run_spec(
             {
                 **base,
+                "dataset": register_limited(args.train_limit, args.test_limit),
                 "name": "teacher",
                 "method": "ce",
                 "model": args.teacher_model,
@@ -433,19 +531,32 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(f"teacher trained in {time.perf_counter() - t0:.0f}s", flush=True)
-    teacher_summary = json.loads((teacher_dir / "metrics.json").read_text())
-    teacher_acc = teacher_summary["test_acc"]
-    args.teacher_model = teacher_summary.get("model", args.teacher_model)  # a reused teacher's
+    teacher = shared.teacher_info(teacher_dir)
+    teacher_acc = teacher["teacher_acc"]
+    args.teacher_model = teacher["teacher_model"] or args.teacher_model  # a reused teacher's
+    ckpt = teacher["teacher_checkpoint"]  # final weights, not the best-on-test checkpoint
 
-    methods, runs, notes = build_runs(args, base, teacher_dir, out)
+    methods, runs, notes = build_runs(args, base, Path(ckpt), out)
+    pct = int(round(args.fraction * 100))
+    data_of = {
+        name: "100%" if m.get("subset") is None else f"{pct}% {m['subset']['method']}"
+        for name, m in methods.items()
+    }
+    done = shared.recorded_settings(shared.read_results(args.results))
+    settings = {spec["name"]: settings_of(args, name, spec, ckpt) for name, _, spec, _ in runs}
+    # OUT/report.md follows this invocation's runs; the final report reads the results file
     results: dict[str, dict[int, dict]] = {}
+    todo = [run for run in runs if shared.canonical(settings[run[2]["name"]]) not in done]
+    print(f"{len(todo)} run(s) to do, {len(runs) - len(todo)} already in {args.results}")
+    facts = shared.run_facts(max(1, threads if args.jobs == 1 else 1), args.jobs)
     failed: list[str] = []
-
     by_job = {spec["name"]: (name, seed, spec) for name, seed, spec, _ in runs}
 
     def finished(job: str, curve: dict[str, Any]) -> None:
         name, seed, _ = by_job[job]
         results.setdefault(name, {})[seed] = curve
+        rec = record_of(settings[job], curve, data_of[name])
+        shared.append_result(args.results, {**rec, **teacher, **facts})
         print(
             f"{name} seed {seed}: final acc {curve['final']:.2f} "
             f"({curve['train_samples']} train images, {curve['seconds'][-1]:.0f}s)",
@@ -460,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     run_jobs(
-        [Job(spec["name"], (spec, own)) for _, _, spec, own in runs],
+        [Job(spec["name"], (spec, own)) for _, _, spec, own in todo],
         _curve,
         n_workers=args.jobs,
         # workers share the cores: one torch thread each
@@ -468,19 +579,20 @@ def main(argv: list[str] | None = None) -> int:
         on_result=finished,
         on_error=failure,
         initializer=_init_worker,
-        initargs=(args.train_limit, args.test_limit),
+        initargs=(args.train_limit, args.test_limit, args.val_fraction),
     )
-    notes.append(f"all runs took {time.perf_counter() - t0:.0f}s wall time")
+    notes.append(f"this invocation's runs took {time.perf_counter() - t0:.0f}s wall time")
     if failed:
         notes.append(f"failed runs: {', '.join(failed)}")
     text = report(args, methods, results, teacher_acc, notes, out, len(runs))
+    groups = shared.group_rows(shared.read_results(args.results), PER_RUN)
+    ours = groups.get(shared.group_key(next(iter(settings.values())), PER_RUN), [])
+    if ours:
+        text += "\n\n" + report_rows(ours)
+        png = plot_rows(ours, out / "stablekd_fmnist.png")
+        text += f"\n\ncurves: {png}"
+        (out / "report.md").write_text(text + "\n")
     print("\n" + text)
-    png = out / "stablekd_fmnist.png"
-    if results:
-        plot(
-            {name: [results[name][s] for s in sorted(results[name])] for name in results}, args, png
-        )
-        print(f"\nwrote {png}, {out / 'report.md'}, {out / 'results.json'}")
     return 1 if failed else 0
 
 

@@ -26,6 +26,9 @@ def _teacher(tmp_path: Path) -> Path:
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     (teacher / "metrics.json").write_text(json.dumps({"test_acc": 90.0, "model": "resnet8"}))
+    (teacher / "checkpoints").mkdir()
+    (teacher / "checkpoints" / "last.pt").write_bytes(b"final weights")
+    (teacher / "checkpoints" / "best.pt").write_bytes(b"best on test")
     return teacher
 
 
@@ -75,30 +78,16 @@ def test_mekd_second_invocation_appends_to_runs_jsonl(tmp_path, monkeypatch):
     )
 
 
-def test_stablekd_second_invocation_keeps_the_first_report(tmp_path, monkeypatch):
-    bench = _load("stablekd_fmnist")
-    curve = {"epochs": [1], "acc": [80.0], "seconds": [1.0], "final": 80.0, "train_samples": 10}
-    monkeypatch.setattr(bench, "run_spec", lambda spec, own=None: dict(curve))
-    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
-    teacher, out = _teacher(tmp_path), tmp_path / "out"
-    argv = ["--teacher", str(teacher), "--out", str(out), "--seeds", "0", "--skip-kt"]
-    assert bench.main([*argv, "--epochs", "3", "--stage-epochs", "1,1,1"]) == 0
-    first = {n: (out / n).read_text() for n in ("report.md", "results.json")}
-    assert bench.main([*argv, "--only", "kd", "--epochs", "3", "--stage-epochs", "1,1,1"]) == 0
-    assert "| stablekd |" not in (out / "report.md").read_text()
-    assert _kept(out, "report*.md", first["report.md"])
-    assert _kept(out, "results*.json", first["results.json"])
-
-
 def test_mokd_second_invocation_keeps_the_first_report(tmp_path, monkeypatch):
     bench = _load("mokd_fmnist")
     fake = {"knn_acc_a": 60.0, "linear_acc_a": 61.0, "knn_acc_b": 50.0, "linear_acc_b": 51.0}
     monkeypatch.setattr(bench, "_worker", lambda *a, **k: dict(fake))
     out = tmp_path / "out"
-    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    argv = ["--smoke", "--out", str(out), "--results"]
+    assert bench.main([*argv, str(tmp_path / "first.jsonl")]) == 0
     first = {n: (out / n).read_text() for n in ("report.md", "results.json")}
     fake["knn_acc_a"] = 70.0
-    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    assert bench.main([*argv, str(tmp_path / "second.jsonl")]) == 0
     assert "70.00" in (out / "report.md").read_text()
     assert _kept(out, "report*.md", first["report.md"])
     assert _kept(out, "results*.json", first["results.json"])
@@ -120,41 +109,6 @@ def test_kd_second_invocation_keeps_the_first_report(tmp_path, monkeypatch):
     assert "+0.3%" in first and _kept(out, "report*.md", first)
 
 
-def test_augment_second_invocation_keeps_the_first_results(tmp_path, monkeypatch):
-    bench = _load("augment_fmnist")
-    losses = iter([0.5, 0.7])
-
-    def fake_score(cfg, schemes, seeds, out_dir, train_students):
-        loss = next(losses)
-        result = {
-            "schemes": [
-                {
-                    "scheme": s,
-                    "t_stddev": 0.01 * i,
-                    "t_stddev_seeds": [0.01 * i] * len(seeds),
-                    "student_test_acc_seeds": [80.0] * len(seeds),
-                    "student_test_loss_seeds": [loss + 0.01 * i] * len(seeds),
-                }
-                for i, s in enumerate(["identity", "flip", "cutmix"], 1)
-            ],  # fmt: skip
-            "correlations": {},
-            "plot": str(out_dir / "tstddev_vs_test_loss.png"),
-        }
-        (out_dir / "da_score.json").write_text(json.dumps(result))
-        (out_dir / "da_score.csv").write_text(f"loss {loss}\n")
-        return result
-
-    monkeypatch.setattr(bench, "run_da_score", fake_score)
-    teacher, out = _teacher(tmp_path), tmp_path / "out"
-    argv = ["--teacher", str(teacher), "--out", str(out), "--seeds", "0", "--epochs", "1"]
-    assert bench.main(argv) == 0
-    first = {n: (out / n).read_text() for n in ("da_score.json", "da_score.csv")}
-    assert bench.main(argv) == 0
-    assert "0.7" in (out / "da_score.csv").read_text()
-    assert _kept(out, "da_score*.json", first["da_score.json"])
-    assert _kept(out, "da_score*.csv", first["da_score.csv"])
-
-
 # -- MOKD: the untrained rows of README's table ---------------------------------------------------
 def test_mokd_untrained_rows_come_from_the_benchmark(tmp_path, monkeypatch):
     """--untrained adds the MOKD pair at initialisation, evaluated like the trained models."""
@@ -174,8 +128,10 @@ def test_mokd_untrained_rows_come_from_the_benchmark(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "_worker", fake_worker)
     out = tmp_path / "out"
-    assert bench.main(["--smoke", "--untrained", "--seeds", "0,1", "--out", str(out)]) == 0
-    assert [n for n, u in seen if u] == ["untrained", "untrained"]
+    results = str(tmp_path / "r.jsonl")
+    argv = ["--smoke", "--untrained", "--seeds", "0,1", "--out", str(out), "--results", results]
+    assert bench.main(argv) == 0
+    assert [n.split("_")[0] for n, u in seen if u] == ["untrained", "untrained"]
     table = (out / "report.md").read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert "| 10.00 ± 0.00 | 11.00 ± 0.00 | 2 |" in rows["CNN (resnet8) untrained"]
@@ -306,7 +262,13 @@ def test_benchmarks_use_only_the_public_api():
     """No benchmark imports a private name of distillkit (its internals change without notice)."""
     import ast
 
-    for script in ("mekd_fmnist", "stablekd_fmnist", "mokd_fmnist"):
+    for script in (
+        "mekd_fmnist",
+        "stablekd_fmnist",
+        "mokd_fmnist",
+        "augment_fmnist",
+        "fmnist_teacher",
+    ):
         tree = ast.parse((ROOT / "benchmarks" / f"{script}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distillkit"):
@@ -323,3 +285,176 @@ def test_stablekd_own_random_subset_trains_through_the_public_runner(tmp_path):
     indices = np.load(tmp_path / "own" / "subset_indices.npy")
     assert curve["train_samples"] == len(indices) and 0 < len(indices) < 1347 * 0.2
     assert curve["epochs"] == [1]
+
+
+# -- Fashion-MNIST benchmarks: one JSON line per finished run, reruns skip, --report -------------
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_results_file_appends_after_a_torn_line_and_reads_it_back(tmp_path, capsys):
+    shared = _load("fmnist_teacher")
+    path = tmp_path / "r.jsonl"
+    shared.append_result(path, {"seed": 0})
+    with path.open("a") as f:
+        f.write('{"seed": 1, "acc')  # killed mid-write
+    assert [r["seed"] for r in shared.read_results(path)] == [0]
+    shared.append_result(path, {"seed": 2})
+    assert _lines(path)[0] == '{"seed": 0}' and _lines(path)[-1] == '{"seed": 2}'
+    with pytest.raises(SystemExit, match="r.jsonl:2 is not a JSON line"):
+        shared.read_results(path)  # a bad line that is not the last one is not skipped quietly
+
+
+def test_teacher_is_its_final_weights_and_an_unfinished_run_is_refused(tmp_path):
+    shared = _load("fmnist_teacher")
+    info = shared.teacher_info(_teacher(tmp_path))
+    assert Path(info["teacher_checkpoint"]).read_bytes() == b"final weights"
+    assert info["teacher_acc"] == 90.0
+    (tmp_path / "teacher" / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match="distillkit resume"):
+        shared.teacher_info(tmp_path / "teacher")
+
+
+def test_validation_split_is_a_stratified_part_of_train_and_leaves_test_unread():
+    shared = _load("fmnist_teacher")
+    from distillkit.data.datasets import load_dataset
+
+    full = load_dataset("digits")
+    split = load_dataset(shared.register_val_split(0.25, 3, "digits"))
+    assert len(split.train) + len(split.test) == len(full.train)
+    train_rows = {x.numpy().tobytes() for x in full.train.images}
+    assert all(x.numpy().tobytes() in train_rows for x in split.test.images)
+    held = {x.numpy().tobytes() for x in split.test.images}
+    assert not any(x.numpy().tobytes() in held for x in split.train.images)
+    full_counts = np.bincount(full.train.labels.numpy())
+    assert np.bincount(split.test.labels.numpy()).tolist() == [
+        int(round(0.25 * c)) for c in full_counts
+    ]
+
+
+def _augment_record(settings: dict, worker_args: dict, out: str) -> dict:
+    """A fake (scheme, seed) job: numbers from the scheme's position, no training."""
+    rank = ["identity", "cutmix", "cutmixpick"].index(settings["scheme"].split(":")[0])
+    return {"scheme": settings["scheme"], "seed": settings["seed"], "epochs": 1, "train_size": 9,
+            "split": "test", "t_stddev": 0.03 - 0.01 * rank + 0.001 * settings["seed"],
+            "student_test_acc": 80.0 + 2 * rank + 0.1 * settings["seed"],
+            "student_test_loss": 0.6 - 0.1 * rank + 0.01 * settings["seed"], "wall_s": 1.0}  # fmt: skip
+
+
+def test_augment_appends_each_run_and_a_rerun_skips_the_recorded_ones(tmp_path, monkeypatch):
+    bench = _load("augment_fmnist")
+    calls = []
+    monkeypatch.setattr(
+        bench, "scheme_job", lambda s, a, o: calls.append(s["seed"]) or _augment_record(s, a, o)
+    )
+    monkeypatch.setattr(bench, "scatter_plot", lambda rows, path: path)  # no matplotlib here
+    results = tmp_path / "augment.jsonl"
+    argv = ["--teacher", str(_teacher(tmp_path)), "--results", str(results), "--epochs", "1",
+            "--schemes", "identity,cutmix", "--out", str(tmp_path / "runs")]  # fmt: skip
+    assert bench.main([*argv, "--seeds", "0,1"]) == 0
+    first = _lines(results)
+    assert len(first) == 4 and calls == [0, 1, 0, 1]
+    assert bench.main([*argv, "--seeds", "0,1,2"]) == 0  # only seed 2 is new
+    assert calls == [0, 1, 0, 1, 2, 2] and _lines(results)[:4] == first
+    assert bench.main([*argv, "--seeds", "0,1,2", "--lr", "0.05"]) == 0  # other settings: rerun
+    assert len(calls) == 12 and len(_lines(results)) == 12
+    row = json.loads(first[0])
+    for key in ("scheme", "seed", "epochs", "train_size", "student_test_acc", "teacher_acc",
+                "threads", "git_head", "t_stddev"):  # fmt: skip
+        assert key in row
+    assert row["teacher_checkpoint"].endswith("last.pt")
+
+
+def test_augment_report_is_rebuilt_from_the_file_with_verdicts(tmp_path, capsys):
+    bench = _load("augment_fmnist")
+    shared = _load("fmnist_teacher")
+    results = tmp_path / "augment.jsonl"
+    for scheme in ("identity", "cutmix", "cutmixpick:criterion=teacher_entropy"):
+        for seed in (0, 1, 2):
+            s = {"scheme": scheme, "seed": seed, "epochs": 1}
+            shared.append_result(results, {**_augment_record(s, {}, ""), "settings": s})
+    assert bench.main(["--report", "--results", str(results)]) == 0
+    text = capsys.readouterr().out
+    accs = [82.0, 82.1, 82.2]  # cutmix's three seeds
+    row = next(line for line in text.splitlines() if line.startswith("| cutmix | 3 |"))
+    assert f"| {np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f} |" in row
+    # loss falls as T. stddev falls: Spearman +1 over the scheme means, every resample too
+    assert "| spearman | 1.000 |" in text
+    assert "Spearman(T. stddev, test loss) >= 0.7 (over scheme means: 1.000): **confirmed**" in text
+    assert "ranking cutmixpick:criterion=teacher_entropy >= cutmix" in text
+    assert text.count("**confirmed**") == 3
+    # the other way round: CutMixPick clearly below identity is refuted
+    flipped = tmp_path / "flipped.jsonl"
+    for row in shared.read_results(results):
+        if row["scheme"] == "identity":
+            row["student_test_acc"] += 10
+        shared.append_result(flipped, row)
+    bench.main(["--report", "--results", str(flipped)])
+    assert "ranking cutmix >= identity (student acc difference -8.00 points): **refuted**" in (
+        capsys.readouterr().out
+    )
+
+
+def _curve(acc: list[float], n: int = 10) -> dict:
+    return {"epochs": list(range(1, len(acc) + 1)), "acc": acc, "seconds": [1.0] * len(acc),
+            "final": acc[-1], "train_samples": n}  # fmt: skip
+
+
+def test_stablekd_rerun_skips_recorded_runs_and_reports_from_the_file(tmp_path, monkeypatch):
+    bench = _load("stablekd_fmnist")
+    ran = []
+
+    def fake(spec, own=None):
+        ran.append(spec["name"])
+        seed = spec["seed"]
+        if spec["method"] == "stablekd":
+            return _curve([85.0 + seed, 90.0, 90.5, 91.0])  # KD's final from epoch 2 on
+        return _curve([70.0, 80.0, 85.0, 90.0])  # KD: only at its last epoch
+
+    monkeypatch.setattr(bench, "run_spec", fake)
+    results, out = tmp_path / "skd.jsonl", tmp_path / "out"
+    argv = ["--teacher", str(_teacher(tmp_path)), "--out", str(out), "--results", str(results),
+            "--epochs", "4", "--stage-epochs", "1,1,2", "--skip-kt", "--only", "kd,stablekd"]  # fmt: skip
+    assert bench.main([*argv, "--seeds", "0,1"]) == 0
+    first = _lines(results)
+    assert sorted(ran) == ["kd_s0", "kd_s1", "stablekd_s0", "stablekd_s1"] and len(first) == 4
+    assert bench.main([*argv, "--seeds", "0,1"]) == 0
+    assert len(ran) == 4 and _lines(results) == first  # nothing rerun, nothing rewritten
+    assert (out / "stablekd_fmnist.png").is_file()
+    row = json.loads(first[0])
+    assert {"method", "seed", "epochs", "train_size", "final_acc", "curve_acc"} <= set(row)
+    text = bench.report_file(results)
+    assert "| stablekd | 100% | 10 | 2 | 91.00 ± 0.00 | 2, 2 | 2.0 |" in text
+    assert "| kd | 100% | 10 | 2 | 90.00 ± 0.00 | 4, 4 | 4.0 |" in text
+    assert "in fewer epochs (speed-up 2.00x): **confirmed**" in text
+    assert "up to 10x faster: **refuted**" in text
+
+
+def test_mokd_rerun_skips_recorded_runs_and_reports_verdicts(tmp_path, monkeypatch, capsys):
+    bench = _load("mokd_fmnist")
+    calls = []
+
+    def fake_worker(data, run_dir, threads, untrained=False):
+        calls.append(data["name"])
+        bonus = 5.0 if data["method"] == "mokd" else 0.0
+        s = data["seed"]
+        return {"knn_acc_a": 60.0 + bonus + s, "linear_acc_a": 61.0 + s,
+                "knn_acc_b": 50.0 + bonus + s, "linear_acc_b": 51.0 - bonus + s}  # fmt: skip
+
+    monkeypatch.setattr(bench, "_worker", fake_worker)
+    results = tmp_path / "mokd.jsonl"
+    argv = ["--smoke", "--seeds", "0,1", "--out", str(tmp_path / "o"), "--results", str(results)]
+    assert bench.main(argv) == 0 and len(calls) == 6 and len(_lines(results)) == 6
+    assert bench.main(argv) == 0 and len(calls) == 6 and len(_lines(results)) == 6
+    capsys.readouterr()
+    assert bench.main(["--report", "--results", str(results)]) == 0
+    text = capsys.readouterr().out
+    assert "| CNN (resnet8) with MOKD | 65.50 ± 0.71 | 61.50 ± 0.71 | 2 |" in text
+    assert (
+        "MOKD improves the CNN's knn accuracy over DINO alone (+5.00 points): **confirmed**" in text
+    )
+    assert (
+        "MOKD improves the CNN's linear accuracy over DINO alone (+0.00 points): **not confirmed**"
+        in text
+    )
+    assert "ViT's linear accuracy over DINO alone (-15.00 points): **refuted**" in text
