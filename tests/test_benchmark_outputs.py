@@ -65,6 +65,7 @@ def test_mekd_second_invocation_appends_to_runs_jsonl(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_one", fake_run)
     teacher, out = _teacher(tmp_path), tmp_path / "out"
     argv = ["mekd_fmnist.py", "--teacher", str(teacher), "--out", str(out), "--seeds", "0"]
+    argv += ["--results", str(tmp_path / "results.jsonl")]  # never the committed results file
     for budgets in ("5000", "100000", "5000"):
         monkeypatch.setattr(sys, "argv", [*argv, "--budgets", budgets, "--methods", "blackbox_kd"])
         assert bench.main() == 0

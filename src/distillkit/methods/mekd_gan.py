@@ -51,23 +51,33 @@ class Discriminator(nn.Module):
     1x1, where per-batch normalisation erases the very statistics that tell real from fake.
     `minibatch_std` appends the batch's mean feature standard deviation to the features (as in
     progressive GANs): a generator that collapses onto a few modes yields a batch with a low
-    spread that the discriminator can see and punish.
+    spread that the discriminator can see and punish. `spectral_norm` constrains every layer's
+    largest singular value to 1 (Miyato et al. 2018): D stays smooth, so it cannot memorise a
+    small edge set and G keeps a useful gradient.
     """
 
     def __init__(
-        self, in_channels: int, image_size: int, width: int = 128, minibatch_std: bool = False
+        self,
+        in_channels: int,
+        image_size: int,
+        width: int = 128,
+        minibatch_std: bool = False,
+        spectral_norm: bool = False,
     ):
         super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         chans = [in_channels, width // 8, width // 4, width // 2, width]
         layers: list[nn.Module] = []
         for i in range(4):
-            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
+            layers.append(sn(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1)))
             layers.append(nn.LeakyReLU(0.2))
         self.body = nn.Sequential(*layers)
         with torch.no_grad():
-            n = self.body(torch.zeros(2, in_channels, image_size, image_size)).flatten(1).shape[1]
+            probe = torch.zeros(2, in_channels, image_size, image_size)
+            n = self.body.eval()(probe).flatten(1).shape[1]
+            self.body.train()
         self.minibatch_std = minibatch_std
-        self.head = nn.Linear(n + int(minibatch_std), 1)
+        self.head = sn(nn.Linear(n + int(minibatch_std), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One logit per image, shape (B,)."""
@@ -76,6 +86,92 @@ class Discriminator(nn.Module):
             spread = h.std(dim=0, unbiased=False).mean() if h.shape[0] > 1 else h.new_zeros(())
             h = torch.cat([h, spread.expand(h.shape[0], 1)], dim=1)
         return self.head(h).squeeze(1)
+
+
+AUGMENTS = ("translation", "cutout", "color")
+
+
+def diff_augment(x: torch.Tensor, policy: tuple[str, ...]) -> torch.Tensor:
+    """DiffAugment (Zhao et al. 2020): random, differentiable transforms applied before D.
+
+    The same policy goes to real and fake images (each image its own draw), so D never sees an
+    unaugmented image and cannot memorise the few thousand real ones, while G's gradient flows
+    through the transforms. Images are normalised (about zero mean, unit spread):
+    - color: brightness (add U(-0.5, 0.5)), contrast (scale about the image mean by U(0.5, 1.5)),
+      and for colour images saturation (scale about the pixel's channel mean by U(0, 2));
+    - translation: shift by up to 1/8 of the size in each direction, zero padding;
+    - cutout: zero a random square of half the size (clipped at the borders).
+    """
+    if not policy:
+        return x
+    b, c, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    if "color" in policy:
+        x = x + (torch.rand(b, 1, 1, 1, device=dev, dtype=dt) - 0.5)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (torch.rand(b, 1, 1, 1, device=dev, dtype=dt) + 0.5) + mean
+        if c > 1:
+            mean = x.mean(dim=1, keepdim=True)
+            x = (x - mean) * (torch.rand(b, 1, 1, 1, device=dev, dtype=dt) * 2) + mean
+    if "translation" in policy:
+        sh, sw = max(1, h // 8), max(1, w // 8)
+        dy = torch.randint(-sh, sh + 1, (b, 1, 1), device=dev)
+        dx = torch.randint(-sw, sw + 1, (b, 1, 1), device=dev)
+        gy = torch.arange(h, device=dev).view(1, h, 1) + dy + sh  # rows of the padded image
+        gx = torch.arange(w, device=dev).view(1, 1, w) + dx + sw
+        padded = F.pad(x, (sw, sw, sh, sh))
+        flat = padded.flatten(2)  # (b, c, (h + 2sh) * (w + 2sw))
+        index = (gy * (w + 2 * sw) + gx).flatten(1)  # (b, h * w)
+        x = flat.gather(2, index.unsqueeze(1).expand(b, c, h * w)).view(b, c, h, w)
+    if "cutout" in policy:
+        ch, cw = max(1, h // 2), max(1, w // 2)
+        # the square's top-left corner, so that its centre is uniform over the image
+        y0 = torch.randint(0, h, (b, 1, 1), device=dev) - ch // 2
+        x0 = torch.randint(0, w, (b, 1, 1), device=dev) - cw // 2
+        ys = torch.arange(h, device=dev).view(1, h, 1)
+        xs = torch.arange(w, device=dev).view(1, 1, w)
+        inside = (ys >= y0) & (ys < y0 + ch) & (xs >= x0) & (xs < x0 + cw)
+        x = x * (~inside).unsqueeze(1).to(dt)
+    return x
+
+
+def parse_augment(policy: str) -> tuple[str, ...]:
+    """'translation,cutout,color' (or '' / 'none') as a tuple; unknown names are a ValueError."""
+    names = tuple(p.strip() for p in policy.split(",") if p.strip() and p.strip() != "none")
+    bad = [n for n in names if n not in AUGMENTS]
+    if bad:
+        raise ValueError(
+            f"options.diff_augment: unknown transform {bad[0]!r} (choose from {', '.join(AUGMENTS)})"
+        )
+    return names
+
+
+def d_loss(d_real: torch.Tensor, d_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The discriminator's loss: hinge (max(0, 1 - real) + max(0, 1 + fake)) or BCE."""
+    if kind == "hinge":
+        return F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+    return F.binary_cross_entropy_with_logits(
+        d_real, torch.ones_like(d_real)
+    ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+
+
+def g_loss(d_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The generator's adversarial loss: -D(G(z)) for hinge, non-saturating BCE otherwise."""
+    if kind == "hinge":
+        return -d_fake.mean()
+    return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+
+def standardize_rows(v: torch.Tensor) -> torch.Tensor:
+    """Each row to zero mean and unit spread: a K-vector then lies on N(0, I_K)'s typical shell.
+
+    The generator is trained on N(0, I) latents (norm about sqrt(K), zero mean); teacher
+    log-probabilities / tau_g sit far off that (all negative, mean about -log K / tau_g and
+    below), so G would be differentiated where it was never trained. Standardising keeps the
+    ranking and relative gaps of the answer and puts it where G learned.
+    """
+    v = v - v.mean(dim=1, keepdim=True)
+    return v / v.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
 
 
 def im_weights(out: TeacherOutput) -> torch.Tensor:
@@ -115,13 +211,32 @@ def distill_loss(
     tau_g: float,
     beta: float,
     align: str = "l1",
+    g_input: str = "scaled",
+    align_weight: float = 1.0,
+    hard: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """MEKD's distillation terms: align(G(s/tau_g), G(t/tau_g)) and beta * KL at tau."""
-    with torch.no_grad():
-        target = generator(t / tau_g)
-    recon = generator(s.float() / tau_g)
-    dist = F.l1_loss(recon, target) if align == "l1" else F.mse_loss(recon, target)
+    """MEKD's distillation terms: align_weight * align(G(in(s)), G(in(t))) and beta * KL at tau.
+
+    in(v) is v / tau_g (`g_input=scaled`, the paper) or standardize_rows(v) (`standardized`).
+    With align_weight 0 the generator is not run (the term is a constant 0). With `hard`, t is a
+    one-hot answer and the KL term is taken against it as it is (cross-entropy of s / tau on the
+    label): softmax(one-hot / tau), as a soft answer would be read, is nearly uniform.
+    """
+
+    def g_in(v: torch.Tensor) -> torch.Tensor:
+        return standardize_rows(v) if g_input == "standardized" else v / tau_g
+
+    if align_weight > 0:
+        with torch.no_grad():
+            target = generator(g_in(t))
+        recon = generator(g_in(s.float()))
+        dist = F.l1_loss(recon, target) if align == "l1" else F.mse_loss(recon, target)
+        dist = dist * align_weight
+    else:
+        dist = s.new_zeros((), dtype=torch.float32)
     log_p_s = F.log_softmax(s.float() / tau, dim=1)
-    p_t = F.softmax(t / tau, dim=1)
-    kl = F.kl_div(log_p_s, p_t, reduction="batchmean")
+    if hard:
+        kl = F.nll_loss(log_p_s, t.argmax(1))
+    else:
+        kl = F.kl_div(log_p_s, F.softmax(t / tau, dim=1), reduction="batchmean")
     return {"align": dist, "kl": beta * kl}

@@ -1,0 +1,130 @@
+"""MEKD's typed options (with validation) and the reading of an earlier run's G and D weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distillkit.errors import ConfigError
+from distillkit.methods.blackbox import BlackBoxOptions
+from distillkit.methods.mekd_gan import parse_augment
+
+
+@dataclass
+class MEKDOptions(BlackBoxOptions):
+    """MEKD's knobs (paper values unless methods/mekd.py's table says why they changed)."""
+
+    gan_epochs: int = 10  # deprivatization epochs before distillation starts
+    gan_steps_per_batch: int = 5  # D/G updates per trainer step (fresh latents, same edge batch)
+    gan_lr: float = 1e-4  # the generator's Adam lr
+    gan_d_lr: float | None = 8e-4  # the discriminator's (two time scales); None: gan_lr
+    gan_beta1: float = 0.0
+    gan_beta2: float = 0.9
+    gen_width: int = 128
+    minibatch_std: bool = True  # discriminator sees the batch spread (counters mode collapse)
+    spectral_norm: bool = True  # spectral normalisation of every discriminator layer
+    gan_loss: str = "hinge"  # hinge | bce
+    diff_augment: str = "translation,cutout,color"  # applied to real and fake before D ('' off)
+    diag_batch: int = 16  # fixed G(z) asked each GAN epoch for the diagnostics (counted); 0 off
+    im_weight: float = 0.5  # alpha in the generator loss
+    im_batch: int | None = None  # generated images per IM query (default: the batch size)
+    gan_query_fraction: float = 0.0  # share of the budget spent on the IM term (0: IM off)
+    tau: float = 5.0  # KL temperature (soft answers)
+    hard_tau: float = 1.0  # hard answers: cross-entropy of student logits / hard_tau on the label
+    tau_g: float = 5.0  # temperature of the vectors fed to the generator (g_input=scaled)
+    g_input: str = "scaled"  # scaled (v / tau_g, the paper) | standardized (per-row z-score)
+    beta: float = 25.0  # weight of the KL term (soft answers; tau^2, as KD scales it)
+    hard_beta: float = 5.0  # weight of the cross-entropy term (hard answers)
+    align: str = "l1"  # l1 | l2
+    align_weight: float = 1.0  # weight of the align term (0: no generator passes in distillation)
+    transfer_size: int | None = None  # fixed transfer set size (default: the budget's rest)
+    balance: bool = True  # draw the transfer set with equal weight per teacher class
+    edge_share: float = 0.5  # share of each distillation batch from answered edge images (0: none)
+    edge_first: bool = True  # buy every edge image the budget allows first, generated ones after
+    kt_oversample: int = 4  # query_selection=kt picks the transfer set from this many x candidates
+    generator: str | None = None  # run dir of an earlier mekd run to take G and D from
+
+    def validate(self) -> None:
+        """Check the values."""
+        super().validate()
+        if self.gan_epochs < 0:
+            raise ValueError(f"options.gan_epochs must be >= 0, got {self.gan_epochs}")
+        if self.gan_steps_per_batch < 1:
+            raise ValueError(
+                f"options.gan_steps_per_batch must be >= 1, got {self.gan_steps_per_batch}"
+            )
+        if self.gan_epochs == 0 and not self.generator:
+            raise ValueError(
+                "options.gan_epochs=0 needs options.generator=RUN_DIR of a trained GAN"
+            )
+        choices = {"align": ("l1", "l2"), "gan_loss": ("hinge", "bce")}
+        choices["g_input"] = ("scaled", "standardized")
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"options.{name} must be {' or '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if not 0.0 <= self.gan_query_fraction < 1.0:
+            raise ValueError(
+                f"options.gan_query_fraction must be in [0, 1), got {self.gan_query_fraction}"
+            )
+        for name in ("gan_lr", "tau", "tau_g", "hard_tau", "hard_beta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"options.{name} must be > 0, got {getattr(self, name)}")
+        if self.gan_d_lr is not None and self.gan_d_lr <= 0:
+            raise ValueError(f"options.gan_d_lr must be > 0 or null, got {self.gan_d_lr}")
+        for name in ("gan_beta1", "gan_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"options.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.gen_width < 8 or self.gen_width % 8:
+            raise ValueError(f"options.gen_width must be a multiple of 8, got {self.gen_width}")
+        for name in ("im_batch", "transfer_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"options.{name} must be >= 1 or null, got {value}")
+        if self.align_weight < 0:
+            raise ValueError(f"options.align_weight must be >= 0, got {self.align_weight}")
+        if self.diag_batch < 0:
+            raise ValueError(f"options.diag_batch must be >= 0, got {self.diag_batch}")
+        if not 0.0 <= self.edge_share <= 1.0:
+            raise ValueError(f"options.edge_share must be in [0, 1], got {self.edge_share}")
+        if self.kt_oversample < 1:
+            raise ValueError(f"options.kt_oversample must be >= 1, got {self.kt_oversample}")
+        parse_augment(self.diff_augment)
+
+
+# the numpy pieces a run checkpoint holds (RNG state, subset indices): plain numeric arrays only
+_RECONSTRUCT = np._core.multiarray._reconstruct  # type: ignore[attr-defined]
+_NUMERIC = (np.bool_, np.int32, np.int64, np.uint8, np.uint32, np.float32, np.float64)
+_NUMPY_GLOBALS: list[Any] = [
+    _RECONSTRUCT,
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),  # files written under numpy 1.x
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(t)) for t in _NUMERIC),
+]
+
+
+def read_run_weights(run_dir: str) -> dict[str, Any]:
+    """The trained module weights ("distiller") in a run's last checkpoint, read as data only."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"options.generator: no checkpoint at {path}")
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects would run their code
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise ConfigError(
+            f"options.generator: cannot read {path} ({type(exc).__name__}); is it a distillkit run?"
+        ) from None
+    weights = state.get("distiller") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ConfigError(f"options.generator: {path} is not a distillkit run checkpoint")
+    return weights

@@ -1,0 +1,98 @@
+"""benchmarks/mekd_fmnist.py: its white-box reference, and its results file (appended, never
+rewritten, with the keys the table is recomputed from)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.util import module_from_spec, spec_from_file_location
+from pathlib import Path
+from types import SimpleNamespace
+
+from distillkit.config import config_from_dict
+from distillkit.runner import check_teacher_data
+
+
+def load_bench():
+    """The benchmark script as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mekd_fmnist.py"
+    spec = spec_from_file_location("mekd_fmnist_bench", path)
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def fake_servers(monkeypatch):
+    """No teacher server: the runs are replaced by the tests."""
+    from distillkit.teachers import server
+
+    fake = SimpleNamespace(url="http://127.0.0.1:1", stop=lambda: None)
+    fake.start = lambda: fake
+    monkeypatch.setattr(server, "load_service", lambda *a, **k: None)
+    monkeypatch.setattr(server, "create_app", lambda *a, **k: None)
+    monkeypatch.setattr(server, "ServerThread", lambda app: fake)
+
+
+def fake_teacher(tmp_path) -> Path:
+    """A directory the benchmark takes for a trained teacher (its metrics only)."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "metrics.json").write_text(json.dumps({"test_acc": 90.0}))
+    return teacher
+
+
+def test_benchmark_whitebox_reference_accepts_its_fashion_mnist_teacher(tmp_path, monkeypatch):
+    """mekd_fmnist's white-box KD: a teacher trained on fashion-mnist, students on the edge shard."""
+    bench = load_bench()
+    fake_servers(monkeypatch)
+    jobs = []
+    row = {"seed": 0, "acc": 1.0, "queries": 0, "MB": 0.0, "seconds": 0.0}
+    monkeypatch.setattr(bench, "run_one", lambda job: jobs.append(job) or {**job, **row})
+    argv = ["mekd_fmnist.py", "--teacher", str(fake_teacher(tmp_path))]
+    argv += ["--out", str(tmp_path / "out"), "--results", str(tmp_path / "results.jsonl")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--seeds", "0", "--methods", "whitebox_kd"])
+    assert bench.main() == 0
+    shape = {"in_channels": 1, "image_size": 28, "num_classes": 10, "classes": list("0123456789")}
+    meta = {"dataset": "fashion-mnist", **shape}
+    check_teacher_data(
+        config_from_dict(jobs[0]["spec"]), meta, SimpleNamespace(name=bench.EDGE, **shape)
+    )
+
+
+def test_results_file_is_appended_with_the_table_keys_and_variants_run_mekd(tmp_path, monkeypatch):
+    bench = load_bench()
+    jobs = []
+
+    def run_one(job):
+        jobs.append(job)
+        acc = 50.0 + len(jobs)
+        return {"method": job["method"], "budget": job["budget"], "seed": job["spec"]["seed"],
+                "split": job["split"], "acc": acc, "queries": job["budget"], "MB": 0.0,
+                "seconds": 6.0, "options": job["spec"]["options"]}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"method": "earlier", "budget": 1, "seed": 0}\n')
+    argv = ["mekd_fmnist.py", "--local", "--teacher", str(fake_teacher(tmp_path))]
+    argv += ["--out", str(tmp_path / "out"), "--results", str(results), "--seeds", "0"]
+    argv += ["--budgets", "100", "--methods", "blackbox_kd,mekd_hard"]
+    argv += ["--variant", "mekd_soft_x:edge_share=0.25,gan_loss=bce", "--val"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench.main() == 0
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert lines[0] == {"method": "earlier", "budget": 1, "seed": 0}  # kept, not rewritten
+    assert [r["method"] for r in lines[1:]] == ["blackbox_kd", "mekd_hard", "mekd_soft_x"]
+    for r, job in zip(lines[1:], jobs):
+        assert {"method", "budget", "seed", "test_acc", "teacher_queries", "minutes"} <= set(r)
+        assert r["split"] == "val" and r["teacher_via"] == "local" and r["minutes"] == 0.1
+        assert job["spec"]["dataset"] == bench.EDGE_VAL  # chosen on validation, never test
+    specs = {j["method"]: j["spec"] for j in jobs}
+    assert specs["mekd_soft_x"]["method"] == "mekd"
+    assert specs["mekd_soft_x"]["options"]["edge_share"] == 0.25
+    assert specs["mekd_soft_x"]["options"]["response"] == "soft"
+    assert specs["mekd_hard"]["options"] == {"response": "hard", "budget": 100}  # the defaults
+    # a second invocation adds new runs after the old lines and reruns nothing recorded
+    monkeypatch.setattr(sys, "argv", [*argv[:-5], "--budgets", "200", "--methods", "blackbox_kd"])
+    assert bench.main() == 0
+    again = [json.loads(x) for x in results.read_text().splitlines()]
+    assert again[:4] == lines and [r["budget"] for r in again[4:]] == [200]
