@@ -129,9 +129,9 @@ def _record_deltas(monkeypatch):
     halves, thins = [], []
     orig_halve, orig_kt = compress_mod._halve_groups, compress_mod.kt
 
-    def halve(kernel, X32, groups, delta, rng, swap):
+    def halve(kernel, X32, groups, delta, rng, swap, *rest):
         halves.append((groups.shape[0], groups.shape[1], delta))
-        return orig_halve(kernel, X32, groups, delta, rng, swap)
+        return orig_halve(kernel, X32, groups, delta, rng, swap, *rest)
 
     def thin(X, kernel, **kw):
         thins.append(kw["delta"])
@@ -196,3 +196,28 @@ def test_compresspp_bad_input(kwargs, match):
         compresspp(_data(100), **kwargs)
     with pytest.raises(ValueError, match="NaN"):
         compresspp(np.full((10, 2), np.nan), Gaussian(1.0))
+
+
+def test_stored_halvings_reuse_one_matrix_buffer(monkeypatch):
+    # every stored batch writes into the same buffer; the matrices still match the kernel
+    seen = []
+    real = compress_mod.kernel_matrices
+
+    def spy(kernel, Xg, out=None):
+        K = real(kernel, Xg, out)
+        seen.append(K.base if K.base is not None else K)
+        np.testing.assert_allclose(K[0], kernel(Xg[0], Xg[0]), rtol=1e-5, atol=1e-6)
+        return K
+
+    monkeypatch.setattr(compress_mod, "kernel_matrices", spy)
+    monkeypatch.setattr(compress_mod, "STORE", 64 * 64 * 2)  # two groups of 64 per batch
+    X = _data(4096)
+    compress_mod._halve_groups(
+        Gaussian(2.0),
+        X.astype(np.float32),
+        np.arange(4096).reshape(-1, 64),
+        0.5,
+        np.random.default_rng(0),
+        True,
+    )
+    assert len(seen) == 32 and all(b is seen[0] for b in seen)

@@ -43,7 +43,7 @@ def _reference_signs(alpha, Gm, A, U):
     return E, alpha
 
 
-@pytest.mark.parametrize("groups", [1, 5])
+@pytest.mark.parametrize("groups", [1, 2, 3, 5])
 def test_pair_signs_with_a_given_gram_matches_the_sequential_rule(groups):
     rng = np.random.default_rng(groups)
     K = _sym_kernel(groups, 40, seed=groups)
@@ -72,3 +72,77 @@ def test_block_gram_and_rows_match_the_float64_kernel():
     np.testing.assert_array_equal(Gm, np.swapaxes(Gm, 1, 2))
     np.testing.assert_allclose(M[..., 1], K.sum(axis=2), rtol=1e-6)
     assert not M[..., [0, 2]].any()
+
+
+def test_exp_tile_writes_into_a_given_buffer():
+    rng = np.random.default_rng(3)
+    Ar = rng.standard_normal((2, 6, 3)).astype(np.float32) * 0.3
+    Fc = rng.standard_normal((2, 5, 3)).astype(np.float32) * 0.3
+    buf = np.empty((2 * 6 * 5 + 7,), dtype=np.float32)
+    out = kt_mod._exp_tile(Ar, Fc, buf)
+    ref = np.exp(np.einsum("cik,cjk->cij", Ar.astype(np.float64), Fc.astype(np.float64)))
+    assert out.shape == (2, 6, 5) and np.shares_memory(out, buf)
+    np.testing.assert_allclose(out, ref, rtol=2e-6)
+
+
+def test_block_gram_is_laid_out_pair_major():
+    # pair_signs reads the Gram pair-major; a pair-major result needs no transposed copy
+    C, R = 4, 12
+    X = np.random.default_rng(5).standard_normal((C, R, 2)).astype(np.float32)
+    Ar, Fc, rho = kt_mod._gaussian_factors(Gaussian(1.1), X)
+    Gm = kt_mod._block_gram(Ar, Fc, rho, None)
+    assert Gm.transpose(1, 2, 0).flags.c_contiguous
+    K = Gaussian(1.1)(X.astype(np.float64), X.astype(np.float64))
+    np.testing.assert_allclose(Gm, pair_gram(K), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(Gm, np.swapaxes(Gm, 1, 2))
+
+
+def test_thresholds_resume_from_their_state():
+    from distillkit.thinning.halving import thresholds
+
+    for C in (2, 20):  # plain-float and numpy paths
+        b2 = np.random.default_rng(C).random((C, 30)) * 0.4
+        whole = thresholds(b2, 12.0)
+        sig = np.zeros(C)
+        parts = np.concatenate(
+            [thresholds(b2[:, :11], 12.0, sig), thresholds(b2[:, 11:], 12.0, sig)], 1
+        )
+        np.testing.assert_array_equal(parts, whole)
+
+
+def _split_both_ways(monkeypatch, n, d, m, seed):
+    X = np.random.default_rng(seed).standard_normal((n, d))
+    k = Gaussian(float(np.sqrt(2 * d)))
+    count = [0]
+    real = kt_mod._exp_tile
+
+    def counting(Ar, Fc, buf=None):
+        count[0] += Ar.shape[-2] * Fc.shape[-2] * (Ar.size // (Ar.shape[-2] * Ar.shape[-1]))
+        return real(Ar, Fc, buf)
+
+    monkeypatch.setattr(kt_mod, "_exp_tile", counting)
+    out = []
+    for fused in (3, 1):
+        monkeypatch.setattr(kt_mod, "_FUSED", fused)
+        count[0] = 0
+        out.append((kt_mod.kt_split(X, k, m=m, seed=seed), count[0]))
+    return out
+
+
+@pytest.mark.parametrize("n,d,m", [(1024, 2, 4), (2048 + 37, 3, 3), (2048, 10, 2)])
+def test_fused_rounds_match_round_by_round(monkeypatch, n, d, m):
+    (fused, n_fused), (plain, n_plain) = _split_both_ways(monkeypatch, n, d, m, seed=n)
+    np.testing.assert_array_equal(fused, plain)
+    # rounds 2.. reuse round 1's tiles: about n^2 / 2 entries instead of n^2 (1 - 2^-m)
+    assert n_fused < 0.8 * n_plain
+
+
+def test_tile_gram_is_the_pair_gram_of_the_symmetrised_kernel():
+    from distillkit.thinning.halving import tile_gram
+
+    rng = np.random.default_rng(9)
+    E = rng.random((3, 10, 10)).astype(np.float32)
+    r = rng.random((3, 10)) + 0.5
+    K = r[:, :, None] * E.astype(np.float64)
+    ref = pair_gram(0.5 * (K + np.swapaxes(K, 1, 2)))
+    np.testing.assert_allclose(tile_gram(E, r), ref, rtol=1e-13, atol=1e-15)

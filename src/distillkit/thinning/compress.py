@@ -48,7 +48,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .halving import STORE, halve_stored, kernel_matrices, paired_b2, stored_sums
+from .halving import STORE, halve_stored, kernel_matrices, paired_b2, stored_sums, thresholds
 from .kernels import Kernel, check_points
 from .kt import (
     _check_delta,
@@ -56,7 +56,6 @@ from .kt import (
     _prepare,
     _resolve_sizes,
     _rng,
-    _thresholds,
     kt,
     single_thread_blas,
 )
@@ -88,13 +87,20 @@ def _symmetrise(keep: np.ndarray, L: int, rng: np.random.Generator) -> np.ndarra
 
 
 def _swap_halve_stored(
-    kernel: Kernel, Xg: np.ndarray, log_mult: float, rng: np.random.Generator
+    kernel: Kernel, Xg: np.ndarray, log_mult: float, rng: np.random.Generator, store: list
 ) -> np.ndarray:
-    """Kernel halving + KT-SWAP of G groups (G, L, d) on stored matrices -> (G, L/2) local."""
-    K = kernel_matrices(kernel, Xg)
+    """Kernel halving + KT-SWAP of G groups (G, L, d) on stored matrices -> (G, L/2) local.
+
+    store holds one float32 buffer reused by every batch: a fresh 256 MB matrix array
+    page-faulted on first touch (3x the kernel time at L = 1024).
+    """
+    need = Xg.shape[0] * Xg.shape[1] ** 2
+    if not store or store[0].size < need:
+        store[:] = [np.empty(need, dtype=np.float32)]
+    K = kernel_matrices(kernel, Xg, store[0])
     G, L, _ = K.shape
     h = L // 2
-    A = _thresholds(paired_b2(K), log_mult)
+    A = thresholds(paired_b2(K), log_mult)
     pos = halve_stored(K, A, rng.random((G, h)))
     std = np.broadcast_to(np.arange(1, L, 2), (G, h))
     cands = np.concatenate([pos, std[:, None, :]], axis=1)  # (G, 3, L/2)
@@ -118,11 +124,14 @@ def _halve_groups(
     delta: float,
     rng: np.random.Generator,
     swap: bool,
+    store: list | None = None,
 ) -> np.ndarray:
     """Halve G equal-length (even L) groups of row ids at once -> (G, L/2) row ids.
 
-    delta is the failure probability parameter of each group's halving.
+    delta is the failure probability parameter of each group's halving; store is the
+    reusable matrix buffer of _swap_halve_stored (dropped once the groups outgrow it).
     """
+    store = [] if store is None else store
     G, L = groups.shape
     Xg = X32[groups]
     acc = np.zeros((G, L)) if swap and L * L > STORE else None
@@ -135,9 +144,13 @@ def _halve_groups(
     elif L * L <= STORE:
         per = max(1, STORE // (L * L))
         keep = np.concatenate(
-            [_swap_halve_stored(kernel, Xg[g : g + per], log_mult, rng) for g in range(0, G, per)]
+            [
+                _swap_halve_stored(kernel, Xg[g : g + per], log_mult, rng, store)
+                for g in range(0, G, per)
+            ]
         )
     else:
+        store.clear()  # larger groups evaluate on the fly: free the stored-matrix buffer
         pos, ksums = _halve_batch(Xg, kernel, log_mult, rng, None, acc, sums=True)
         meanK = acc / L
         h = L // 2
@@ -228,6 +241,7 @@ def _compress_ranges(
     nodes, kids, own = _tree(roots, g)
     load = own if load is None else load
     out: dict[int, np.ndarray] = {}
+    store: list = []  # one stored-matrix buffer for all halvings (see _swap_halve_stored)
     max_depth = max(nd[2] for nd in nodes)
     for depth in range(max_depth, -1, -1):
         # (input length, node size) -> node ids; equal sizes share the node's delta
@@ -248,7 +262,7 @@ def _compress_ranges(
             odd = L % 2 == 1
             pairs = batch[:, : L - 1] if odd else batch
             if pairs.shape[1] >= 2:
-                halves = _halve_groups(kernel, X32, pairs, delta * size / load, rng, swap)
+                halves = _halve_groups(kernel, X32, pairs, delta * size / load, rng, swap, store)
             else:
                 halves = pairs[:, :0]
             coin = rng.random(len(ids)) < 0.5 if odd else None

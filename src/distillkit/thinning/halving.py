@@ -15,6 +15,8 @@ before was inconsistency between row means and swap rows, not the rounding itsel
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .kernels import Gaussian, Kernel, sqdist
@@ -23,9 +25,10 @@ STORE = 1 << 26  # float32 elements of stored kernel matrices per batch (256 MB)
 _PAIRS = 128  # pairs per block of the sequential split
 _CHUNK = 1 << 18  # elements per cache-resident chunk (1 MB of float32)
 _TILE = 128  # kernel matrix block edge
+_FEW_GROUPS = 3  # up to this many groups the pair recursion runs group by group
 
 
-def kernel_matrices(kernel: Kernel, Xg: np.ndarray) -> np.ndarray:
+def kernel_matrices(kernel: Kernel, Xg: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Symmetric float32 kernel matrices (G, L, L) of the groups Xg (G, L, d) float32.
 
     Only blocks on or below the diagonal are evaluated; each is mirrored above it, so K is
@@ -35,7 +38,9 @@ def kernel_matrices(kernel: Kernel, Xg: np.ndarray) -> np.ndarray:
     where a cusp (Laplace, low-order Matern) would amplify GEMM cancellation.
     """
     G, L, d = Xg.shape
-    K = np.empty((G, L, L), dtype=np.float32)
+    # out: a reused float32 buffer of at least G L^2 elements; a fresh 256 MB array costs
+    # a page fault per 4 KB on first touch (about a fifth of this function at L = 1024)
+    K = np.empty((G, L, L), np.float32) if out is None else out[: G * L * L].reshape(G, L, L)
     # 128 x 128 blocks: numpy's transposed copy is 3x slower once a block leaves L1/L2
     bs = min(L, _TILE)
     gemm = isinstance(kernel, Gaussian)
@@ -47,31 +52,82 @@ def kernel_matrices(kernel: Kernel, Xg: np.ndarray) -> np.ndarray:
         A = np.concatenate([x64, sq, one], axis=-1).astype(np.float32)
         B = (scale * np.concatenate([-2.0 * x64, one, sq], axis=-1)).astype(np.float32)
         Bt = np.ascontiguousarray(np.swapaxes(B, 1, 2))
-    for i0 in range(0, L, bs):
-        i1 = min(L, i0 + bs)
-        for j0 in range(0, i0 + 1, bs):
-            j1 = min(L, j0 + bs)
-            if gemm:
-                # no clamp at 0: a rounding-positive exponent near x = y gives 1 + 1e-7,
-                # harmless since every consumer reads this same matrix
-                blk = np.matmul(A[:, i0:i1], Bt[:, :, j0:j1])
-                np.exp(blk, out=blk)
-            elif kernel.radial and d <= 8:
-                blk = kernel.profile(sqdist(Xg[:, i0:i1], Xg[:, j0:j1]), d)
-            elif kernel.radial:  # float64 GEMM distances, rounded once
-                D2 = sqdist(Xg[:, i0:i1].astype(np.float64), Xg[:, j0:j1].astype(np.float64))
-                blk = kernel.profile(D2.astype(np.float32), d)
-            else:
-                blk = kernel(Xg[:, i0:i1], Xg[:, j0:j1], dtype=np.float32)
-            if j0 == i0:
-                # a GEMM may round (a, b) and (b, a) differently: mirror the lower triangle
-                lo, hi = np.tril_indices(i1 - i0, -1)
-                blk[:, hi, lo] = blk[:, lo, hi]
-                K[:, i0:i1, j0:j1] = blk
-            else:
-                K[:, i0:i1, j0:j1] = blk
-                K[:, j0:j1, i0:i1] = np.swapaxes(blk, 1, 2)
+    # a few groups at a time: one (G, 128, 128) block of every group at once left the
+    # cache at G = 64 (2.9 ns per matrix entry at L = 1024; same values either way)
+    gstep = max(1, _CHUNK // (4 * bs * bs))
+    buf = np.empty(min(G, gstep) * bs * bs, dtype=np.float32)
+    for g0 in range(0, G, gstep):
+        g1 = min(G, g0 + gstep)
+        Kg = K[g0:g1]
+        for i0 in range(0, L, bs):
+            i1 = min(L, i0 + bs)
+            for j0 in range(0, i0 + 1, bs):
+                j1 = min(L, j0 + bs)
+                if gemm:
+                    # no clamp at 0: a rounding-positive exponent near x = y gives 1 + 1e-7,
+                    # harmless since every consumer reads this same matrix
+                    shape = (g1 - g0, i1 - i0, j1 - j0)
+                    blk = buf[: math.prod(shape)].reshape(shape)
+                    np.matmul(A[g0:g1, i0:i1], Bt[g0:g1, :, j0:j1], out=blk)
+                    np.exp(blk, out=blk)
+                elif kernel.radial and d <= 8:
+                    blk = kernel.profile(sqdist(Xg[g0:g1, i0:i1], Xg[g0:g1, j0:j1]), d)
+                elif kernel.radial:  # float64 GEMM distances, rounded once
+                    D2 = sqdist(
+                        Xg[g0:g1, i0:i1].astype(np.float64), Xg[g0:g1, j0:j1].astype(np.float64)
+                    )
+                    blk = kernel.profile(D2.astype(np.float32), d)
+                else:
+                    blk = kernel(Xg[g0:g1, i0:i1], Xg[g0:g1, j0:j1], dtype=np.float32)
+                if j0 == i0:
+                    # a GEMM may round (a, b) and (b, a) differently: mirror the lower triangle
+                    lo, hi = np.tril_indices(i1 - i0, -1)
+                    blk[:, hi, lo] = blk[:, lo, hi]
+                    Kg[:, i0:i1, j0:j1] = blk
+                else:
+                    Kg[:, i0:i1, j0:j1] = blk
+                    Kg[:, j0:j1, i0:i1] = np.swapaxes(blk, 1, 2)
     return K
+
+
+def thresholds(b2: np.ndarray, log_mult: float, sig: np.ndarray | None = None) -> np.ndarray:
+    """Self-balancing thresholds a_i per coreset (sequential sub-Gaussian recursion).
+
+    b2 (C, h) squared pair distances. sig (C,), when given, is the recursion's state on
+    entry and is updated in place, so a coreset's pairs may come in consecutive pieces.
+    """
+    C, h = b2.shape
+    out = np.empty_like(b2)
+    state = np.zeros(C) if sig is None else sig
+    if C <= 16:
+        # plain floats beat numpy on tiny arrays
+        for c in range(C):
+            sg = float(state[c])
+            row = b2[c].tolist()
+            res = [0.0] * h
+            for i, bb in enumerate(row):
+                t = math.sqrt(sg * bb * log_mult)
+                thr = t if t > bb else bb
+                if sg == 0.0:
+                    sg = bb
+                elif thr != 0.0:
+                    upd = 1.0 + (bb - 2.0 * thr) * sg / (thr * thr)
+                    if upd > 0.0:
+                        sg += bb * upd
+                res[i] = thr if thr != 0.0 else 1.0
+            out[c] = res
+            state[c] = sg
+        return out
+    sg = state.copy()
+    for i in range(h):
+        bb = b2[:, i]
+        thr = np.maximum(np.sqrt(sg * bb * log_mult), bb)
+        safe = np.where(thr > 0, thr, 1.0)
+        upd = np.maximum(1.0 + (bb - 2.0 * thr) * sg / safe**2, 0.0)
+        sg = np.where(sg == 0, bb, np.where(thr > 0, sg + bb * upd, sg))
+        out[:, i] = safe
+    state[:] = sg
+    return out
 
 
 def pair_gram(Kin: np.ndarray) -> np.ndarray:
@@ -81,6 +137,20 @@ def pair_gram(Kin: np.ndarray) -> np.ndarray:
     Gm -= Kin[:, 0::2, 1::2]
     Gm += Kin[:, 0::2, 0::2]
     return Gm
+
+
+def tile_gram(E: np.ndarray, r: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Pair Gram (C, P, P) of the symmetrised kernel K = r_i E_ij, E (C, 2P, 2P) float32.
+
+    The 1/2 of (G + G') / 2 rides on r: scaling by 1/2 is exact, so this equals halving
+    the sum, one pass fewer.
+    """
+    G = np.subtract(E[:, 1::2, 1::2], E[:, 1::2, 0::2], dtype=np.float64)
+    G *= r[:, 1::2, None] * 0.5
+    H = np.subtract(E[:, 0::2, 0::2], E[:, 0::2, 1::2], dtype=np.float64)
+    H *= r[:, 0::2, None] * 0.5
+    G += H
+    return np.add(G, np.swapaxes(G, 1, 2), out=out)
 
 
 def pair_signs(
@@ -97,18 +167,21 @@ def pair_signs(
     n_groups, n_pairs = alpha.shape
     # eps = +1 iff U <= (1 - alpha / A) / 2, i.e. alpha <= A (1 - 2U) since A > 0
     thr = A * (1.0 - 2.0 * U)
-    if n_groups == 1:  # plain floats and row slices beat (1,)-shaped numpy ops
-        al, g = alpha[0], Gm[0]
-        t_l = thr[0].tolist()
-        e = [0.0] * n_pairs
-        for i in range(n_pairs):
-            if al[i] <= t_l[i]:
-                e[i] = 1.0
-                al[i + 1 :] += g[i, i + 1 :]
-            else:
-                e[i] = -1.0
-                al[i + 1 :] -= g[i, i + 1 :]
-        return np.array([e])
+    if n_groups <= _FEW_GROUPS:  # plain floats and row slices beat tiny numpy ops
+        out = np.empty((n_groups, n_pairs))
+        for c in range(n_groups):
+            al, g = alpha[c], Gm[c]
+            t_l = thr[c].tolist()
+            e = [0.0] * n_pairs
+            for i in range(n_pairs):
+                if al[i] <= t_l[i]:
+                    e[i] = 1.0
+                    al[i + 1 :] += g[i, i + 1 :]
+                else:
+                    e[i] = -1.0
+                    al[i + 1 :] -= g[i, i + 1 :]
+            out[c] = e
+        return out
     # pair-major copies: every step then reads and updates contiguous rows
     al = np.ascontiguousarray(alpha.T)
     Gt = np.ascontiguousarray(Gm.transpose(1, 2, 0))

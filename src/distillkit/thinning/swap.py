@@ -149,7 +149,15 @@ def refine(
         def moved_rows(which, pos):
             return _moved_rows(ev, X64, which, pos)
 
-    if ksum is None:
+    # evaluated rows come in chunks of slots; stored rows are read one slot at a time
+    chunk = int(max(1, min(s, _BLOCK // max(1, G * L)))) if K is None else s
+    # when every member's row fits one chunk, later sweeps reuse the rows and only a
+    # point that moves in brings a new one (kt: s rows of length n per sweep saved)
+    keep = K is None and chunk == s
+    rows = evaluate(S) if keep else None
+    if ksum is None and keep:  # the members' rows already hold the coreset sums
+        ksum = rows.sum(axis=1)
+    elif ksum is None:
         ksum = np.zeros((G, L))
         per = max(1, _BLOCK // max(1, L * s))
         for g0 in range(0, G, per):
@@ -168,17 +176,17 @@ def refine(
     stat = 0.5 * diag - s * mk + ksum
     tol = 0.5 * s * _TOL
     member = np.zeros((G, L), dtype=bool)
+    masked = stat  # with unique=True: stat with +inf at the members, kept in step with stat
     if unique:
         member[gidx[:, None], S] = True
+        masked = np.where(member, np.inf, stat)
     tmp = np.empty((G, L))
-    # evaluated rows come in chunks of slots; stored rows are read one slot at a time
-    chunk = int(max(1, min(s, _BLOCK // max(1, G * L)))) if K is None else s
     for _ in range(max(1, passes)):
         changed = False
         for t0 in range(0, s, chunk):
             t1 = min(s, t0 + chunk)
-            if K is None:  # rows of the members of slots t0..t1 (fixed until their turn)
-                rows = evaluate(S[:, t0:t1])
+            if K is None and not keep:
+                rows = evaluate(S[:, t0:t1])  # members of slots t0..t1, fixed until their turn
             for t in range(t0, t1):
                 c = S[:, t]
                 if K is None:
@@ -189,10 +197,10 @@ def refine(
                     exact = row_c.mean(axis=1)
                     stat[gidx, c] -= s * (exact - mk[gidx, c])
                     mk[gidx, c] = exact
-                np.subtract(stat, row_c, out=tmp)  # the statistic without slot t's point
-                if unique:
+                if unique:  # slot t's point becomes a candidate again
                     member[gidx, c] = False
-                    np.copyto(tmp, np.inf, where=member)
+                    masked[gidx, c] = stat[gidx, c]
+                np.subtract(masked, row_c, out=tmp)  # the statistic without slot t's point
                 z = tmp.argmin(axis=1)
                 moved = np.nonzero(z != c)[0]
                 if moved.size:
@@ -202,6 +210,8 @@ def refine(
                         exact = row_z.mean(axis=1)
                         corr = -s * (exact - mk[moved, zm])
                         stat[moved, zm] += corr
+                        if unique:
+                            masked[moved, zm] += corr
                         tmp[moved, zm] += corr
                         mk[moved, zm] = exact
                     # the exact gain decides: rounding must never make a worse swap
@@ -213,10 +223,19 @@ def refine(
                         if acc.size == G:  # in place, no gathered copies
                             stat += row_z
                             stat -= row_c
+                            if unique:
+                                masked += row_z
+                                masked -= row_c
                         else:  # float64 difference: float32 rows would round it
-                            stat[acc] += np.subtract(row_z[ok], row_c[acc], dtype=np.float64)
+                            diff = np.subtract(row_z[ok], row_c[acc], dtype=np.float64)
+                            stat[acc] += diff
+                            if unique:
+                                masked[acc] += diff
+                        if keep:  # after the update: row_c is a view of these rows
+                            rows[acc, t] = row_z[ok]
                 if unique:
                     member[gidx, S[:, t]] = True
+                    masked[gidx, S[:, t]] = np.inf
         if not changed:
             break
     return S
