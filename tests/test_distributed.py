@@ -64,7 +64,8 @@ STABLEKD = [
 
 
 # float32: what is compared is the order of float additions, which bf16 rounding would swamp
-for _args in (AUGMENTED, SYNC_BN, KD, STABLEKD):
+# (STABLEKD compares nothing bit for bit: it keeps the default amp, so DDP runs under it too)
+for _args in (AUGMENTED, SYNC_BN, KD):
     _args.insert(0, "amp=none")
 
 
