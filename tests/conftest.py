@@ -14,3 +14,14 @@ def _one_thread_for_every_test():
     inherit it."""
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits_mlp_teacher(tmp_path_factory):
+    """A small but useful digits teacher (mlp, about 95% test accuracy), trained once a session."""
+    from distillkit.cli import main
+
+    out = tmp_path_factory.mktemp("digits_mlp") / "teacher"
+    args = ["train", "model=mlp", "epochs=3", "batch_size=32", "lr=0.1", "augment=false"]
+    assert main([*args, f"out_dir={out}", "--quiet"]) == 0
+    return out

@@ -28,21 +28,10 @@ from distillkit.models.checkpoint import model_from_checkpoint
 from distillkit.teachers import BlackBoxTeacher
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A small digits teacher (about 95% test accuracy), trained once."""
-    out = tmp_path_factory.mktemp("mekd_gan") / "teacher"
-    args = ["train", "model=mlp", "epochs=3", "batch_size=32", "lr=0.1", "augment=false"]
-    assert main([*args, f"out_dir={out}", "--quiet"]) == 0
-    return out
+def teacher_dir(digits_mlp_teacher):
+    """The session's small digits teacher (tests/conftest.py)."""
+    return digits_mlp_teacher
 
 
 @pytest.fixture(scope="module")
