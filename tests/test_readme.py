@@ -69,9 +69,9 @@ CMD_TIMEOUT = 180
 class Command:
     """One README command: its kind, arguments (program name normalised), environment, source."""
 
-    kind: (
-        str  # setup | distillkit | server | torchrun | python-c | benchmark | pytest | python-block
-    )
+    # setup | distillkit | server | torchrun | python-c | benchmark | pytest | python-block
+    # | shell-script
+    kind: str
     argv: list[str]
     text: str
     line: int
