@@ -25,3 +25,11 @@ def digits_mlp_teacher(tmp_path_factory):
     args = ["train", "model=mlp", "epochs=3", "batch_size=32", "lr=0.1", "augment=false"]
     assert main([*args, f"out_dir={out}", "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_bundle():
+    """scikit-learn's digits as a DataBundle, loaded once a session."""
+    from distillkit.data.datasets import load_dataset
+
+    return load_dataset("digits")

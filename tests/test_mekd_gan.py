@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from distillkit.cli import main
 from distillkit.config import config_from_dict
-from distillkit.data.datasets import load_dataset
 from distillkit.data.transforms import normalize
 from distillkit.engine.trainer import Trainer
 from distillkit.methods.mekd import MEKD, Discriminator, MEKDOptions, read_run_weights
@@ -29,24 +28,13 @@ from distillkit.teachers import BlackBoxTeacher
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(digits_mlp_teacher):
-    """The session's small digits teacher (tests/conftest.py)."""
-    return digits_mlp_teacher
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def short_run(teacher_dir, tmp_path_factory):
+def short_run(digits_mlp_teacher, tmp_path_factory):
     """A short digits MEKD run with the default GAN: 2 GAN epochs of 5 updates per batch."""
     out = tmp_path_factory.mktemp("mekd_gan") / "run"
     args = [
         "distill",
         "method=mekd",
-        f"teacher={teacher_dir}",
+        f"teacher={digits_mlp_teacher}",
         "model=mlp",
         "epochs=3",
         "batch_size=64",
@@ -89,24 +77,28 @@ def test_gan_diagnostics_are_logged_every_gan_epoch_and_counted(short_run):
     assert r[-1]["teacher_queries"] == 2000
 
 
-def test_diagnostics_cost_nothing_off_and_never_displace_edge_answers(teacher_dir, bundle):
-    m = make(teacher_dir, bundle, budget=200, diag_batch=0)
+def test_diagnostics_cost_nothing_off_and_never_displace_edge_answers(
+    digits_mlp_teacher, digits_bundle
+):
+    m = make(digits_mlp_teacher, digits_bundle, budget=200, diag_batch=0)
     m.train()
     m.on_epoch_start(0)
     m.training_step((torch.randn(32, 1, 8, 8), torch.zeros(32, dtype=torch.long), None))
     out = m.on_epoch_end(0)
     assert set(out) == {"gan_d_acc"} and m.spent == 0 == m.teacher.queries
     # on by default, but with edge_first only from budget the edge images cannot use
-    n = len(bundle.train)
+    n = len(digits_bundle.train)
     for budget, bought in ((n, 0), (n + 8, 8)):
-        m = make(teacher_dir, bundle, budget=budget)
+        m = make(digits_mlp_teacher, digits_bundle, budget=budget)
         m.train()
         m.on_epoch_start(0)
         out = m.on_epoch_end(0)
         assert m.spent == bought and ("gan_classes" in out) == (bought > 0)
 
 
-def test_short_digits_run_generator_covers_most_teacher_classes(short_run, teacher_dir, bundle):
+def test_short_digits_run_generator_covers_most_teacher_classes(
+    short_run, digits_mlp_teacher, digits_bundle
+):
     # measured independently of the run's own diagnostics: its final G, 1000 fresh latents,
     # the teacher's argmax; a class counts when it is at least 1% of the draws
     weights = read_run_weights(str(short_run))
@@ -114,10 +106,12 @@ def test_short_digits_run_generator_covers_most_teacher_classes(short_run, teach
     g = Generator(10, 1, 8, 32)
     g.load_state_dict(part)
     g.eval()
-    teacher, _ = model_from_checkpoint(teacher_dir)
+    teacher, _ = model_from_checkpoint(digits_mlp_teacher)
     z = torch.randn(1000, 10, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        labels = teacher(normalize((g(z) + 1) * 0.5, bundle.mean, bundle.std)).argmax(1)
+        labels = teacher(normalize((g(z) + 1) * 0.5, digits_bundle.mean, digits_bundle.std)).argmax(
+            1
+        )
     counts = torch.bincount(labels, minlength=10)
     assert int((counts >= 10).sum()) >= 8, counts.tolist()
 
@@ -148,18 +142,22 @@ def test_diff_augment_is_random_per_image_differentiable_and_shape_preserving():
     assert diff_augment(x, ()) is x
 
 
-def test_gan_step_shows_the_discriminator_augmented_real_and_fake(teacher_dir, bundle):
-    m = make(teacher_dir, bundle, budget=100)
+def test_gan_step_shows_the_discriminator_augmented_real_and_fake(
+    digits_mlp_teacher, digits_bundle
+):
+    m = make(digits_mlp_teacher, digits_bundle, budget=100)
     seen = []
     handle = m.discriminator.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     m.train()
     m.on_epoch_start(0)
-    x = normalize(bundle.train.images[:32].float() / 255, bundle.mean, bundle.std)
+    x = normalize(
+        digits_bundle.train.images[:32].float() / 255, digits_bundle.mean, digits_bundle.std
+    )
     m.training_step((x, torch.zeros(32, dtype=torch.long), None))
     handle.remove()
     assert len(seen) == 3  # D step: real, fake; G step: fake
     assert not torch.equal(seen[0], x)  # the real batch was augmented before D
-    plain = make(teacher_dir, bundle, budget=100, diff_augment="")
+    plain = make(digits_mlp_teacher, digits_bundle, budget=100, diff_augment="")
     seen.clear()
     handle = plain.discriminator.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     plain.train()
@@ -193,12 +191,12 @@ def test_hinge_and_bce_losses():
     assert g_loss(fake, "bce").item() == pytest.approx(F.softplus(-fake).mean().item(), rel=1e-5)
 
 
-def test_discriminator_learns_faster_than_generator_by_default(teacher_dir, bundle):
-    m = make(teacher_dir, bundle, budget=100)
+def test_discriminator_learns_faster_than_generator_by_default(digits_mlp_teacher, digits_bundle):
+    m = make(digits_mlp_teacher, digits_bundle, budget=100)
     lrs = {o.name: o.optimizer.defaults["lr"] for o in m.optimizers()}
     assert lrs["discriminator"] > lrs["generator"]
     assert lrs["discriminator"] == m.options.gan_d_lr and lrs["generator"] == m.options.gan_lr
-    same = make(teacher_dir, bundle, budget=100, gan_d_lr=None)
+    same = make(digits_mlp_teacher, digits_bundle, budget=100, gan_d_lr=None)
     lrs = {o.name: o.optimizer.defaults["lr"] for o in same.optimizers()}
     assert lrs["discriminator"] == lrs["generator"]
 
@@ -223,8 +221,8 @@ def test_standardized_generator_input_matches_the_latent_shell():
     assert zero["align"].item() == 0.0
 
 
-def test_hard_answers_take_cross_entropy_not_a_flattened_one_hot(teacher_dir, bundle):
-    m = make(teacher_dir, bundle, budget=200, response="hard", gan_query_fraction=0.0)
+def test_hard_answers_take_cross_entropy_not_a_flattened_one_hot(digits_mlp_teacher, digits_bundle):
+    m = make(digits_mlp_teacher, digits_bundle, budget=200, response="hard", gan_query_fraction=0.0)
     m.train()
     m.on_epoch_start(1)
     m.distill_batch(torch.randn(16, 1, 8, 8))  # buys the transfer set
@@ -238,10 +236,10 @@ def test_hard_answers_take_cross_entropy_not_a_flattened_one_hot(teacher_dir, bu
     torch.testing.assert_close(losses["kl"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_edge_first_buys_every_edge_image_then_generated_ones(teacher_dir, bundle):
-    n = len(bundle.train)
+def test_edge_first_buys_every_edge_image_then_generated_ones(digits_mlp_teacher, digits_bundle):
+    n = len(digits_bundle.train)
     # a budget beyond the edge set: all edge images once, the rest on generated images
-    m = make(teacher_dir, bundle, budget=n + 300, edge_first=True, edge_share=0.5)
+    m = make(digits_mlp_teacher, digits_bundle, budget=n + 300, edge_first=True, edge_share=0.5)
     m.on_epoch_start(1)
     m.train()
     xb, _ = m.distill_batch(torch.randn(32, 1, 8, 8))
@@ -253,13 +251,13 @@ def test_edge_first_buys_every_edge_image_then_generated_ones(teacher_dir, bundl
     with torch.no_grad():
         torch.testing.assert_close(m.pool_images(xb.device)[:5], m.generate(m.pool_z[:5]))
     # a budget below it: every query on edge images, none generated, batches all edge images
-    small = make(teacher_dir, bundle, budget=500, edge_first=True, edge_share=0.5)
+    small = make(digits_mlp_teacher, digits_bundle, budget=500, edge_first=True, edge_share=0.5)
     small.on_epoch_start(1)
     small.train()
     small.distill_batch(torch.randn(32, 1, 8, 8))
     assert len(small.edge_idx) == 500 - small.gan_spent and len(small.pool_z) == 0
     # edge_share 0 is the paper's use whatever edge_first says: generated images only
-    paper = make(teacher_dir, bundle, budget=500, edge_share=0.0)
+    paper = make(digits_mlp_teacher, digits_bundle, budget=500, edge_share=0.0)
     paper.on_epoch_start(1)
     paper.train()
     paper.distill_batch(torch.randn(32, 1, 8, 8))
@@ -281,10 +279,16 @@ def test_edge_first_buys_every_edge_image_then_generated_ones(teacher_dir, bundl
     ],
 )
 def test_new_options_are_validated_with_one_line_errors(
-    teacher_dir, tmp_path, capsys, option, needle
+    digits_mlp_teacher, tmp_path, capsys, option, needle
 ):
     out = tmp_path / "x"
-    args = ["distill", "method=mekd", "model=mlp", f"teacher={teacher_dir}", f"out_dir={out}"]
+    args = [
+        "distill",
+        "method=mekd",
+        "model=mlp",
+        f"teacher={digits_mlp_teacher}",
+        f"out_dir={out}",
+    ]
     assert main([*args, "epochs=2", "options.gan_epochs=1", option, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -294,14 +298,14 @@ def test_new_options_are_validated_with_one_line_errors(
 # --------------------------------------------------------------------------- helpers
 
 
-def make(teacher_dir, bundle, budget=None, response="soft", **kw) -> MEKD:
+def make(digits_mlp_teacher, digits_bundle, budget=None, response="soft", **kw) -> MEKD:
     """An MEKD (one GAN epoch of two) on digits, attached to a Trainer for its optimizers."""
-    model, _ = model_from_checkpoint(teacher_dir)
+    model, _ = model_from_checkpoint(digits_mlp_teacher)
     kw = {"gen_width": 16, "gan_epochs": 1, "gan_steps_per_batch": 1, "diag_batch": 8, **kw}
     opts = MEKDOptions(budget=budget, response=response, **kw)
     opts.validate()
     student = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
-    m = MEKD(student, BlackBoxTeacher(model, response, budget), opts, bundle, 32)
+    m = MEKD(student, BlackBoxTeacher(model, response, budget), opts, digits_bundle, 32)
     cfg = config_from_dict({"model": "mlp", "batch_size": 32, "epochs": 2, "lr": 0.1})
-    Trainer(cfg, m, bundle, torch.device("cpu"), teacher_dir.parent / "unit")
+    Trainer(cfg, m, digits_bundle, torch.device("cpu"), digits_mlp_teacher.parent / "unit")
     return m
