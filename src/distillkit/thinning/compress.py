@@ -45,6 +45,7 @@ import mmap
 import multiprocessing as mp
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
@@ -414,6 +415,43 @@ def compresspp(
     whole, and no all-pairs array is formed. workers > 1 compresses bins in that many
     forked processes (same result as workers=1).
     """
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    X, kernel, done, setup = start_compresspp(
+        X, kernel, g, coreset_size, seed, delta, num_bins, unique
+    )
+    if done is not None:
+        return done
+    tasks = [(kernel, X, a, z, *args, swap) for (a, z), args in zip(setup.roots, setup.bin_args)]
+    parts = _run_bins(tasks, workers)
+    return finish_compresspp(X, kernel, parts, setup.size, setup.delta_kt, setup.seed_kt, unique)
+
+
+class CompressppSetup(NamedTuple):
+    """What every bin of one Compress++ call shares, and what its final KT needs."""
+
+    roots: list[tuple[int, int]]
+    bin_args: list[tuple]  # per bin: (mean, g, delta, load, seed), compress_bin's middle args
+    size: int
+    delta_kt: float
+    seed_kt: np.random.SeedSequence
+
+
+def start_compresspp(
+    X: np.ndarray,
+    kernel: Kernel | str,
+    g: int,
+    coreset_size: int | None,
+    seed: int | None,
+    delta: float,
+    num_bins: int,
+    unique: bool,
+) -> tuple[np.ndarray, Kernel, np.ndarray | None, CompressppSetup | None]:
+    """Checks, bins and seeds of Compress++, shared by every way of running its bins.
+
+    Returns (X, kernel, indices, None) when Compress would keep every point (plain KT is then
+    the answer), else (X, kernel, None, setup).
+    """
     X = _stream_points(X)
     kernel = resolve_kernel(kernel, X)
     n = X.shape[0]
@@ -421,22 +459,16 @@ def compresspp(
     _check_delta(delta)
     if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     size, _ = _resolve_sizes(n, coreset_size, None)
     seeds = np.random.SeedSequence(seed).spawn(2)
     roots, g, load, delta_c, delta_kt = compresspp_plan(n, g, size, delta, num_bins)
     if roots is None:  # Compress would return its input: thin directly
-        return kt(X, kernel, coreset_size=size, delta=delta, seed=seeds[1], unique=unique)
+        idx = kt(X, kernel, coreset_size=size, delta=delta, seed=seeds[1], unique=unique)
+        return X, kernel, idx, None
     mean = _column_mean(X)
     _release(X)
-    bin_seeds = seeds[0].spawn(len(roots))
-    tasks = [
-        (kernel, X, a, z, mean, g, delta_c, load, bin_seeds[i], swap)
-        for i, (a, z) in enumerate(roots)
-    ]
-    parts = _run_bins(tasks, workers)
-    return finish_compresspp(X, kernel, parts, size, delta_kt, seeds[1], unique)
+    bin_args = [(mean, g, delta_c, load, s) for s in seeds[0].spawn(len(roots))]
+    return X, kernel, None, CompressppSetup(roots, bin_args, size, delta_kt, seeds[1])
 
 
 _TASKS: list = []  # bin arguments inherited by forked workers (X is never pickled)

@@ -12,18 +12,8 @@ import mmap
 
 import numpy as np
 
-from .compress import (
-    _check_g,
-    _column_mean,
-    _release,
-    _stream_points,
-    compress_bin,
-    compresspp_plan,
-    finish_compresspp,
-)
+from .compress import compress_bin, finish_compresspp, start_compresspp
 from .kernels import Kernel, single_thread_blas
-from .kt import _check_delta, _resolve_sizes, kt
-from .mmd import resolve_kernel
 
 __all__ = ["compresspp_dask"]
 
@@ -81,34 +71,24 @@ def compresspp_dask(
     Uses ``client`` if given, else connects to ``scheduler`` (an address), else starts a
     ``dask.distributed.LocalCluster`` for the call.
     """
-    X = _stream_points(X)
-    kernel = resolve_kernel(kernel, X)
-    n = X.shape[0]
-    g = _check_g(g)
-    _check_delta(delta)
-    if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-    size, _ = _resolve_sizes(n, coreset_size, None)
-    seeds = np.random.SeedSequence(seed).spawn(2)
-    roots, g, load, delta_c, delta_kt = compresspp_plan(n, g, size, delta, num_bins)
-    if roots is None:  # Compress would keep every point: plain KT, as compresspp does
-        return kt(X, kernel, coreset_size=size, delta=delta, seed=seeds[1], unique=unique)
-    mean = _column_mean(X)
-    _release(X)
-    bin_seeds = seeds[0].spawn(len(roots))
+    X, kernel, done, setup = start_compresspp(
+        X, kernel, g, coreset_size, seed, delta, num_bins, unique
+    )
+    if done is not None:
+        return done
     spec = _file_spec(X)
     own = None
     if client is None:
         client, own = _client(scheduler)
     try:
         futures = []
-        for i, (a, z) in enumerate(roots):
+        for (a, z), bin_args in zip(setup.roots, setup.bin_args):
             src = spec if spec is not None else np.ascontiguousarray(X[a : a + z])
-            args = (src, a, z, kernel, mean, g, delta_c, load, bin_seeds[i], swap)
+            args = (src, a, z, kernel, *bin_args, swap)
             futures.append(client.submit(_bin_task, *args, pure=False))
         parts = client.gather(futures)
     finally:
         if own is not None:
             client.close()
             own.close()
-    return finish_compresspp(X, kernel, parts, size, delta_kt, seeds[1], unique)
+    return finish_compresspp(X, kernel, parts, setup.size, setup.delta_kt, setup.seed_kt, unique)
