@@ -123,6 +123,21 @@ def main() -> None:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
+    def emit_ours(base, fn, X, sigma, **kw):
+        """One distillkit run: its times, kernel-block time and MMD to N(0, I)."""
+        idx, w, c, b = _run(fn, X, Gaussian(sigma), **kw)
+        mp = mmd_to_gaussian(X, sigma, idx)
+        emit(
+            {
+                **base,
+                "library": "distillkit",
+                "wall_s": w,
+                "cpu_s": c,
+                "blocks_cpu_s": b,
+                "mmd_p": mp,
+            }
+        )
+
     secs = a.sections.split(",")
     if "kt" in secs:
         for d in [int(x) for x in a.kt_dims.split(",")]:
@@ -132,18 +147,7 @@ def main() -> None:
                     X = np.random.default_rng(1000 + s).standard_normal((n, d))
                     base = {"section": "kt", "n": n, "d": d, "seed": s}
                     if s < a.seeds:
-                        idx, w, c, b = _run(kt, X, Gaussian(np.sqrt(var)), m=m, seed=s)
-                        mp = mmd_to_gaussian(X, np.sqrt(var), idx)
-                        emit(
-                            {
-                                **base,
-                                "library": "distillkit",
-                                "wall_s": w,
-                                "cpu_s": c,
-                                "blocks_cpu_s": b,
-                                "mmd_p": mp,
-                            }
-                        )
+                        emit_ours(base, kt, X, np.sqrt(var), m=m, seed=s)
                     if not a.no_goodpoints and s < a.gp_seeds:
                         from functools import partial
 
@@ -164,18 +168,7 @@ def main() -> None:
                 X = np.random.default_rng(2000 + s).standard_normal((n, d))
                 base = {"section": "compresspp", "n": n, "d": d, "g": g, "seed": s}
                 if s < a.seeds:
-                    idx, w, c, b = _run(compresspp, X, Gaussian(np.sqrt(var)), g=g, seed=s)
-                    mp = mmd_to_gaussian(X, np.sqrt(var), idx)
-                    emit(
-                        {
-                            **base,
-                            "library": "distillkit",
-                            "wall_s": w,
-                            "cpu_s": c,
-                            "blocks_cpu_s": b,
-                            "mmd_p": mp,
-                        }
-                    )
+                    emit_ours(base, compresspp, X, np.sqrt(var), g=g, seed=s)
                 if not a.no_goodpoints and s < a.gp_seeds:
                     from goodpoints import compress as gcomp
 
