@@ -16,31 +16,14 @@ import torch
 from distillkit.cli import main
 from distillkit.engine.checkpoint import load_checkpoint
 from tests.helpers import cli_env, read_rows, run_cli, without_timing
+from tests.test_ssl import TINY as SSL_TINY
 
 # every test here uses a finished run per method (about 10 s on two cores)
 pytestmark = pytest.mark.slow
 
-# 96 of the 1347 digits (3 equal batches of 32), 2 epochs; model a is the run's `model`
-TINY = [
-    "dataset=digits",
-    "model=resnet8",
-    "augment=false",
-    "drop_last=true",
-    "subset.method=random",
-    "subset.per_class=false",
-    "subset.fraction=0.0713",
-    "epochs=2",
-    "batch_size=32",
-    "options.out_dim=64",
-    "options.head_hidden=32",
-    "options.head_bottleneck=16",
-    "options.global_size=8",
-    "options.local_size=4",
-    "options.local_crops_number=2",
-    "options.warmup_teacher_temp_epochs=1",
-    "options.probe_steps=20",
-    "device=cpu",
-]
+# test_ssl's tiny DINO run (96 digits, 3 batches of 32, 2 epochs), as this file always ran it:
+# without its method key (each method is set below) and without quiet=true
+TINY = [a for a in SSL_TINY if a not in ("method=dino", "quiet=true")]
 MOKD = [
     "options.a.cross_weight=1.0",
     "options.b.model=vit_tiny",
