@@ -98,13 +98,13 @@ class HandLoop:
 
     def __init__(self, wl, bundle, indices, teacher_dir, args, tuned: bool, compiled: bool):
         from distillkit.engine.checkpoint import model_from_checkpoint
-        from distillkit.engine.setup import resolve_amp
+        from distillkit.engine.setup import AMP_DTYPES, resolve_amp
         from distillkit.models import build_model
 
         self.device, self.batch, self.tuned = args.device, args.batch_size, tuned
         # the tuned loops use bf16 autocast where the device does bf16 math (what amp=auto picks)
         amp = resolve_amp(args.amp, args.device) if tuned else "none"
-        self.amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.amp = AMP_DTYPES[amp]
         torch.manual_seed(0)
         self.student = build_model(
             wl.student,

@@ -83,6 +83,10 @@ def convolutional(module: nn.Module) -> bool:
     return total > 0 and 2 * conv > total
 
 
+# the autocast dtype of each amp mode (None: no autocast)
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` does bfloat16 math in hardware (CUDA sm_80+, or a CPU with AVX512-BF16/AMX)."""
     if device.type == "cuda":

@@ -37,6 +37,7 @@ from distillkit.engine.evaluation import evaluate
 from distillkit.engine.logging import MetricsLogger
 from distillkit.engine.optim import build_optimizer, lr_factor
 from distillkit.engine.setup import (
+    AMP_DTYPES,
     fold_frozen_batchnorm,
     resolve_amp,
     resolve_device,
@@ -160,7 +161,7 @@ class Trainer:
         ]
         # the first optimizer's learning rate is the one logged as `lr`
         self.optimizer = self.opts[0].optimizer
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
+        self.amp_dtype = AMP_DTYPES[self.amp]
         if self.amp_dtype is not None and device.type not in ("cuda", "cpu"):
             raise ValueError(f"amp={self.amp} is supported on cuda and cpu, not {device.type}")
         self.scaler = torch.amp.GradScaler(
