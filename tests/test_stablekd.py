@@ -496,3 +496,48 @@ def test_idle_connectors_are_left_to_ddp_not_touched_by_zero_losses(tmp_path):
         assert params and all(g is None for g in grads)
     finally:
         dist.destroy_process_group()
+
+
+def test_teacher_blocks_answer_as_the_teacher_after_the_trainer_folds_its_bn(
+    teacher_dir, tmp_path, monkeypatch
+):
+    """The trainer folds a frozen teacher's BN into its convs; the blocks must follow."""
+    from distillkit.runner import run
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    features = StableKD.teacher_features
+
+    def spy(self, x):
+        logits, feats = features(self, x)
+        if len(seen) < 2:
+            seen.append((x.detach().float().contiguous().clone(), logits.float().clone()))
+        return logits, feats
+
+    monkeypatch.setattr(StableKD, "teacher_features", spy)
+    cfg = _cfg(teacher_dir, tmp_path / "run", epochs=3, amp="none")
+    cfg.options["stage_epochs"] = [1, 1, 1]
+    run(cfg)
+    teacher, _ = model_from_checkpoint(teacher_dir, which="last")
+    teacher.eval()
+    assert len(seen) == 2
+    for x, logits in seen:
+        with torch.no_grad():
+            expected = teacher(x)
+        assert torch.allclose(logits, expected, atol=1e-4), (logits - expected).abs().max()
+
+
+def test_benchmark_tables_leave_out_rows_of_an_older_method_revision():
+    bench = _bench()
+    rows = [
+        {"method": "kd", "settings": {"method": "kd", "seed": 0}},
+        {"method": "stablekd", "settings": {"method": "stablekd", "seed": 0}},
+        {"method": "stablekd", "settings": {"method": "stablekd", "seed": 0, "revision": 2}},
+    ]
+    assert bench.current_rows(rows) == [rows[0], rows[2]]
+    args = bench.parse_args(["--seeds", "0"])
+    base = {"dataset": "fashion-mnist", "device": args.device}
+    _, runs, _ = bench.build_runs(args, base, Path("teacher.pt"), Path("out"))
+    settings = {name: bench.settings_of(args, name, spec, "t.pt") for name, _, spec, _ in runs}
+    assert settings["stablekd"]["revision"] == 2 and "revision" not in settings["kd"]
+    groups = {bench.shared.group_key(s, bench.PER_RUN) for s in settings.values()}
+    assert len(groups) == 1  # one table for all of them

@@ -381,9 +381,12 @@ class StableKD(Distiller):
         self._epoch = sum(self.stage_epochs[:index])
 
     def on_epoch_start(self, epoch: int) -> None:
-        """Called by the trainer before every epoch: pick the stage, refresh the student blocks."""
-        # the student may have been rebuilt in place (SyncBatchNorm conversion): re-split it
+        """Called by the trainer before every epoch: pick the stage, refresh both models' blocks."""
+        # both may have been rebuilt in place since the split (the student's BN converted to
+        # SyncBatchNorm, the frozen teacher's BN folded into its convs): split them again, so no
+        # block runs a module its model no longer calls
         self._s_blocks = split_blocks(self.student, self.num_blocks)
+        self._t_blocks = split_blocks(getattr(self.teacher, "model", self.teacher), self.num_blocks)
         self.set_stage(self.stage_of_epoch(epoch))
         self._epoch = epoch
 
