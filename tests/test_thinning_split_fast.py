@@ -146,3 +146,16 @@ def test_tile_gram_is_the_pair_gram_of_the_symmetrised_kernel():
     K = r[:, :, None] * E.astype(np.float64)
     ref = pair_gram(0.5 * (K + np.swapaxes(K, 1, 2)))
     np.testing.assert_allclose(tile_gram(E, r), ref, rtol=1e-13, atol=1e-15)
+
+
+def test_pair_gram_of_many_groups_is_pair_major_and_exact():
+    # pair_signs reads (P, P, G) rows: built group chunk by group chunk, no transposed copy
+    K = _sym_kernel(19, 12, seed=3).astype(np.float32)
+    Gm = pair_gram(K)
+    assert Gm.transpose(1, 2, 0).flags.c_contiguous
+    K64 = K.astype(np.float64)
+    ref = K64[:, 1::2, 1::2] - K64[:, 1::2, 0::2] - K64[:, 0::2, 1::2] + K64[:, 0::2, 0::2]
+    np.testing.assert_array_equal(Gm, ref)
+    few = pair_gram(K[:2])  # a few groups stay group-major (row slices per group)
+    assert few.flags.c_contiguous
+    np.testing.assert_array_equal(few, ref[:2])

@@ -107,7 +107,7 @@ def _swap_halve_stored(
     cands = np.concatenate([pos, std[:, None, :]], axis=1)  # (G, 3, L/2)
     V = np.zeros((G, L, 3))
     np.put_along_axis(V, np.swapaxes(cands, 1, 2), 1.0, axis=1)
-    meanK, KV = stored_sums(K, V)
+    meanK, KV = stored_sums(K, V)  # the two KT-SPLIT children partition the group
     # MMD^2 of each candidate up to a constant: v'Kv / h^2 - 2 mean of meanK over it
     vkv = np.einsum("glc,glc->gc", V, KV)
     mk = np.take_along_axis(meanK[:, None, :], cands, axis=2).mean(axis=2)
@@ -231,18 +231,20 @@ def _compress_ranges(
     rng: np.random.Generator,
     swap: bool,
     load: int | None = None,
+    store: list | None = None,
 ) -> list[np.ndarray]:
     """Compress(g) of each contiguous range (start, size); returns one index array per root.
 
     delta is shared by all halvings of all ranges: a node covering s points gets
     delta * s / S (S from _tree, or ``load`` when the ranges are part of a larger input),
-    so the halving failure probabilities add up to delta.
+    so the halving failure probabilities add up to delta. store: the stored-matrix buffer
+    (see _swap_halve_stored), shared with the caller's other ranges when given.
     """
     leaf = 4**g
     nodes, kids, own = _tree(roots, g)
     load = own if load is None else load
     out: dict[int, np.ndarray] = {}
-    store: list = []  # one stored-matrix buffer for all halvings (see _swap_halve_stored)
+    store = [] if store is None else store
     max_depth = max(nd[2] for nd in nodes)
     for depth in range(max_depth, -1, -1):
         # (input length, node size) -> node ids; equal sizes share the node's delta
@@ -349,17 +351,19 @@ def compress_bin(
     load: int,
     seed: np.random.SeedSequence,
     swap: bool = True,
+    store: list | None = None,
 ) -> np.ndarray:
     """Compress(g) of the bin X[start:start+size]: sorted global row indices.
 
     Only this bin is held in memory (float32); delta * s / load goes to a halving node
     covering s points. The bin's own seed makes the result independent of where and in
-    which order the bins run.
+    which order the bins run. store: a matrix buffer reused across bins (a fresh 256 MB
+    buffer per bin is page-faulted anew on first touch).
     """
     X32 = _bin_points(X, start, size, mean)
     _release(X)
     rng = np.random.default_rng(seed)
-    out = _compress_ranges(kernel, X32, [(0, size)], g, delta, rng, swap, load)[0]
+    out = _compress_ranges(kernel, X32, [(0, size)], g, delta, rng, swap, load, store)[0]
     return np.sort(out) + start
 
 
@@ -472,10 +476,11 @@ def start_compresspp(
 
 
 _TASKS: list = []  # bin arguments inherited by forked workers (X is never pickled)
+_WORKER_STORE: list = []  # a forked worker's matrix buffer, kept across its bins
 
 
 def _bin_task(i: int) -> np.ndarray:
-    return compress_bin(*_TASKS[i])
+    return compress_bin(*_TASKS[i], store=_WORKER_STORE)
 
 
 def _run_bins(tasks: list, workers: int) -> list[np.ndarray]:
@@ -485,7 +490,8 @@ def _run_bins(tasks: list, workers: int) -> list[np.ndarray]:
     """
     workers = min(int(workers), len(tasks))
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
-        return [compress_bin(*t) for t in tasks]
+        store: list = []  # one matrix buffer for all bins
+        return [compress_bin(*t, store=store) for t in tasks]
     _TASKS[:] = tasks
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:

@@ -159,14 +159,20 @@ class Kernel:
             F *= np.asarray(scale, dtype=F.dtype)
         return F
 
-    def eval_factor(self, X: np.ndarray, F: np.ndarray) -> np.ndarray:
-        """k(X, Y) for F = factor(Y); X and the result use F's dtype."""
+    def eval_factor(
+        self, X: np.ndarray, F: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """k(X, Y) for F = factor(Y); X and the result use F's dtype.
+
+        out: a buffer of the result's shape for radial kernels (a fresh array of tens of
+        MB is page-faulted anew on every call); same values either way.
+        """
         if not self.radial:
             return self(X, F, dtype=F.dtype)
         X = np.asarray(X, dtype=F.dtype)
         sx = np.einsum("...i,...i->...", X, X)[..., None]
         A = np.concatenate([X, sx, np.ones_like(sx)], axis=-1)
-        D = np.matmul(A, np.swapaxes(F, -1, -2))
+        D = np.matmul(A, np.swapaxes(F, -1, -2), out=out)
         return self._finish(D, X.shape[-1])
 
     def _factor_scale(self) -> float:
