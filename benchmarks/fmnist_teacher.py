@@ -185,7 +185,16 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 
 def append_result(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as a JSON line and flush it to disk (the file is never rewritten)."""
+    """Append one record as a JSON line and flush it to disk (the file is never rewritten).
+
+    The line is stamped with the time and the host's load when it is written: the moment the run
+    finished, not the moment its benchmark started.
+    """
+    record = {
+        **record,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, sort_keys=True, default=str)
@@ -225,15 +234,13 @@ def group_rows(rows: list[dict[str, Any]], per_run: tuple[str, ...]) -> dict[str
 
 
 def run_facts(threads: int, jobs: int) -> dict[str, Any]:
-    """What a record says about where it ran: threads, jobs, git head, host load, time."""
+    """What a record says about where it ran: threads, jobs, git head (time and load: on append)."""
     return {
         "threads": threads,
         "jobs": jobs,
         "git_head": git_head(),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 

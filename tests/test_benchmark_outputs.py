@@ -301,9 +301,26 @@ def test_results_file_appends_after_a_torn_line_and_reads_it_back(tmp_path, caps
         f.write('{"seed": 1, "acc')  # killed mid-write
     assert [r["seed"] for r in shared.read_results(path)] == [0]
     shared.append_result(path, {"seed": 2})
-    assert _lines(path)[0] == '{"seed": 0}' and _lines(path)[-1] == '{"seed": 2}'
+    first, last = json.loads(_lines(path)[0]), json.loads(_lines(path)[-1])
+    assert first["seed"] == 0 and last["seed"] == 2
     with pytest.raises(SystemExit, match="r.jsonl:2 is not a JSON line"):
         shared.read_results(path)  # a bad line that is not the last one is not skipped quietly
+
+
+def test_each_results_line_is_stamped_when_it_is_written(tmp_path, monkeypatch):
+    shared = _load("fmnist_teacher")
+    facts = shared.run_facts(1, 2)  # taken once, when a benchmark starts
+    clock = iter(["2026-01-01T10:00:00+0000", "2026-01-01T11:30:00+0000"])
+    monkeypatch.setattr(shared.time, "strftime", lambda fmt: next(clock))
+    path = tmp_path / "r.jsonl"
+    shared.append_result(path, {"seed": 0, **facts})
+    shared.append_result(path, {"seed": 1, **facts})
+    rows = shared.read_results(path)
+    assert [r["finished_at"] for r in rows] == [
+        "2026-01-01T10:00:00+0000",
+        "2026-01-01T11:30:00+0000",
+    ]
+    assert all(r["threads"] == 1 and r["jobs"] == 2 for r in rows)
 
 
 def test_teacher_is_its_final_weights_and_an_unfinished_run_is_refused(tmp_path):
