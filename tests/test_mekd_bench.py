@@ -96,3 +96,22 @@ def test_results_file_is_appended_with_the_table_keys_and_variants_run_mekd(tmp_
     assert bench.main() == 0
     again = [json.loads(x) for x in results.read_text().splitlines()]
     assert again[:4] == lines and [r["budget"] for r in again[4:]] == [200]
+
+
+def test_results_line_carries_the_options_an_mekd_run_resolved(tmp_path):
+    """A row names its GAN even when it ran on defaults, so a later change of default is visible."""
+    from distillkit.methods.mekd_options import MEKDOptions
+
+    bench = load_bench()
+    resolved = bench._resolved(MEKDOptions(gen_width=24, beta=3.0))
+    assert resolved["gen_width"] == 24 and resolved["beta"] == 3.0
+    assert resolved["gan_steps_per_batch"] == MEKDOptions().gan_steps_per_batch
+    row = {"method": "mekd_soft", "budget": 10, "seed": 0, "acc": 50.0, "queries": 10, "MB": 0.0,
+           "seconds": 60.0, "options": {"budget": 10}, "resolved": resolved}  # fmt: skip
+    shared = tmp_path / "shared.jsonl"
+    bench.record(tmp_path / "runs.jsonl", row, shared, {"teacher_acc": 88.0})
+    line = json.loads(shared.read_text())
+    assert line["resolved"]["gen_width"] == 24 and line["teacher_acc"] == 88.0
+    del row["resolved"]
+    bench.record(tmp_path / "runs.jsonl", {**row, "method": "blackbox_kd"}, shared)
+    assert "resolved" not in json.loads(shared.read_text().splitlines()[-1])
