@@ -254,7 +254,7 @@ def table(rows: list[dict]) -> list[dict]:
                 "method": method,
                 "seeds": len(rs),
                 "acc_mean": statistics.mean(accs),
-                "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "queries": statistics.mean(r["queries"] for r in rs),
                 "MB": statistics.mean(r["MB"] for r in rs),
             }

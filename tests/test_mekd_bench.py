@@ -115,3 +115,13 @@ def test_results_line_carries_the_options_an_mekd_run_resolved(tmp_path):
     del row["resolved"]
     bench.record(tmp_path / "runs.jsonl", {**row, "method": "blackbox_kd"}, shared)
     assert "resolved" not in json.loads(shared.read_text().splitlines()[-1])
+
+
+def test_table_spread_is_the_sample_standard_deviation():
+    """Three seeds at 1, 2 and 3 points: std 1 (n - 1), as every other benchmark table reports."""
+    bench = load_bench()
+    rows = [
+        {"budget": 5, "method": "m", "acc": a, "queries": 5, "MB": 0.0} for a in (1.0, 2.0, 3.0)
+    ]
+    (row,) = bench.table(rows)
+    assert row["acc_mean"] == 2.0 and abs(row["acc_std"] - 1.0) < 1e-12
