@@ -198,11 +198,10 @@ def refine(
     # in these units a row of K enters unscaled, so rows need no extra pass or rounding
     stat = 0.5 * kernel.diag(Xg) - s * mk + ksum
     tol = 0.5 * s * _TOL
-    member = np.zeros((G, L), dtype=bool)
     masked = stat  # with unique=True: stat with +inf at the members, kept in step with stat
     if unique:
-        member[gidx[:, None], S] = True
-        masked = np.where(member, np.inf, stat)
+        masked = stat.copy()
+        masked[gidx[:, None], S] = np.inf
     if G == 1:  # kt and Compress's large halvings: the same steps on scalars and rows
 
         def moved_row(z):
@@ -226,7 +225,6 @@ def refine(
                 stat[gidx, c] -= s * (exact - mk[gidx, c])
                 mk[gidx, c] = exact
                 if unique:  # slot t's point becomes a candidate again
-                    member[gidx, c] = False
                     masked[gidx, c] = stat[gidx, c]
                 np.subtract(masked, row_c, out=tmp)  # the statistic without slot t's point
                 z = tmp.argmin(axis=1)
@@ -261,7 +259,6 @@ def refine(
                         if keep:  # after the update: row_c is a view of these rows
                             rows[acc, t] = row_z[ok]
                 if unique:
-                    member[gidx, S[:, t]] = True
                     masked[gidx, S[:, t]] = np.inf
         if not changed:
             break
