@@ -56,6 +56,7 @@ tabulate every run in runs.jsonl; `--report-only` prints that table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -231,12 +232,8 @@ def run_one(job: dict) -> dict:
 
 
 def _resolved(options: Any) -> dict:
-    """The GAN and distillation settings of an MEKD run, defaults included."""
-    keep = (
-        "gen_width", "gan_steps_per_batch", "gan_epochs", "gan_lr", "gan_d_lr", "diag_batch",
-        "gan_query_fraction", "beta", "hard_beta", "align_weight", "edge_share", "edge_first",
-    )  # fmt: skip
-    return {k: getattr(options, k) for k in keep}
+    """Every option of an MEKD run, defaults included (a new option is recorded without edits)."""
+    return dataclasses.asdict(options)
 
 
 def table(rows: list[dict]) -> list[dict]:
