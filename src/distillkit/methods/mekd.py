@@ -107,6 +107,7 @@ from distillkit.methods.mekd_diag import diagnostics
 from distillkit.methods.mekd_gan import (
     Discriminator,
     Generator,
+    answer_latents,
     class_balance_weights,
     d_loss,
     diff_augment,
@@ -179,6 +180,7 @@ class MEKD(BudgetedDistiller):
         self.edge = bundle.train
         self.edge_idx: torch.Tensor | None = None
         self.edge_t: torch.Tensor | None = None
+        self.transfer_ready = False  # build_transfer_set has run (edge answers may come earlier)
 
     # -- contract: setup and optimizers --------------------------------------------------------
     def setup(self, ctx: SetupContext) -> None:
@@ -257,9 +259,26 @@ class MEKD(BudgetedDistiller):
                 ) from None
 
     # -- deprivatization ---------------------------------------------------------------------------
+    def sample_latents(self, n: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        """n latents on the CPU: N(0, I), or matched to the answered edge images (`latents`)."""
+        o = self.options
+        if o.latents == "normal":
+            return torch.randn(n, self.num_classes, generator=gen)
+        assert self.edge_t is not None
+        return answer_latents(self.edge_t, n, o.latent_noise, o.g_input, o.tau_g, gen)
+
     def gan_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Generator noise for the edge batch x: drawn for the global batch, this rank's rows kept."""
-        return take_rows(torch.randn(draw_size(x), self.num_classes, device=x.device), x)
+        if self.options.latents == "normal":
+            return take_rows(torch.randn(draw_size(x), self.num_classes, device=x.device), x)
+        if self.edge_t is None:
+            # the answers the latents match: the edge images edge_first buys anyway, bought now
+            size = len(self.edge) if self.fresh_queries else self.transfer_size()
+            assert size is not None
+            if size < 1:
+                raise BudgetExceededError("no query budget left for MEKD's edge answers")
+            self.answer_edge(min(len(self.edge), size), x.device)
+        return take_rows(self.sample_latents(draw_size(x)).to(x.device), x)
 
     def gan_step_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One discriminator step and one generator step on an edge batch; losses detached."""
@@ -331,18 +350,30 @@ class MEKD(BudgetedDistiller):
         )
         self.edge_idx = idx
 
-    def build_transfer_set(self, device: torch.device) -> None:
-        """Spend the remaining budget once: answered edge images (edge_share) and generated ones."""
-        if self.fresh_queries:
-            # unlimited teacher, no set size: the whole edge set once, generated images per step
-            if self.options.edge_share > 0:
-                self.answer_edge(len(self.edge), device)
-            return
+    def transfer_size(self) -> int | None:
+        """Images the transfer set may hold, edge answers already bought included."""
         left, cap = self.remaining, self.options.transfer_size
         if left is None:
-            size = cap
-        else:
-            size = left if cap is None else min(left, cap)
+            return cap
+        if self.edge_t is not None:
+            left += len(self.edge_t)
+        return left if cap is None else min(left, cap)
+
+    def keep_mask(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of answers t to distil on: the teacher's top probability >= min_confidence."""
+        if self.options.min_confidence <= 0 or self.kind == "hard":
+            return torch.ones(len(t), dtype=torch.bool, device=t.device)
+        return t.exp().max(1).values >= self.options.min_confidence
+
+    def build_transfer_set(self, device: torch.device) -> None:
+        """Spend the remaining budget once: answered edge images (edge_share) and generated ones."""
+        self.transfer_ready = True
+        if self.fresh_queries:
+            # unlimited teacher, no set size: the whole edge set once, generated images per step
+            if self.options.edge_share > 0 and self.edge_t is None:
+                self.answer_edge(len(self.edge), device)
+            return
+        size = self.transfer_size()
         assert size is not None
         if size < 1:
             raise BudgetExceededError(
@@ -352,7 +383,9 @@ class MEKD(BudgetedDistiller):
         o = self.options
         if o.edge_first and o.edge_share > 0:
             # every edge image the budget allows, generated images only with what is left
-            self.answer_edge(min(len(self.edge), size), device)
+            if self.edge_t is None:
+                self.answer_edge(min(len(self.edge), size), device)
+            assert self.edge_t is not None
             size -= len(self.edge_t)
         elif o.edge_share > 0:
             n_edge = min(len(self.edge), max(1, round(o.edge_share * size)))
@@ -363,7 +396,7 @@ class MEKD(BudgetedDistiller):
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
         if self.options.query_selection == "kt" and self.options.kt_oversample > 1:
-            cand = torch.randn(size * self.options.kt_oversample, self.num_classes, generator=gen)
+            cand = self.sample_latents(size * self.options.kt_oversample, gen)
             with torch.no_grad():
                 feats = torch.cat(
                     [self.generate(c.to(device)).flatten(1).cpu() for c in cand.split(1024)]
@@ -371,9 +404,15 @@ class MEKD(BudgetedDistiller):
             idx = select_queries(feats.double().numpy(), size, "kt", self.seed)
             z = cand[torch.from_numpy(idx)]
         else:
-            z = torch.randn(size, self.num_classes, generator=gen)
-        self.pool_t = self.query_all(z, lambda part: self.generate(part.to(device)), target)
-        self.pool_z = z
+            z = self.sample_latents(size, gen)
+        t = self.query_all(z, lambda part: self.generate(part.to(device)), target)
+        keep = self.keep_mask(t)  # paid for either way; only confident answers are distilled on
+        self.pool_z, self.pool_t = z[keep], (t[keep] if keep.any() else None)
+        if self.pool_t is None and self.edge_idx is None:
+            raise ConfigError(
+                f"options.min_confidence={o.min_confidence} dropped every generated image and "
+                "there are no edge images to distil on; lower it"
+            )
 
     def pool_images(self, device: torch.device) -> torch.Tensor:
         """The transfer set's images, generated once by the frozen G (not checkpointed: the
@@ -402,7 +441,7 @@ class MEKD(BudgetedDistiller):
         device = x.device
         self.freeze_generator()
         fresh = self.fresh_queries
-        if self.pool_z is None and self.edge_idx is None:
+        if not self.transfer_ready:
             self.build_transfer_set(device)
         n = draw_size(x)
         rows = take_rows(torch.arange(n), x)
@@ -421,11 +460,14 @@ class MEKD(BudgetedDistiller):
         if n - n_edge > 0:
             with torch.no_grad():
                 if fresh:
-                    z = torch.randn(n - n_edge, self.num_classes, device=device)[mine.to(device)]
+                    z = self.sample_latents(n - n_edge).to(device)[mine.to(device)]
                     if len(mine):
                         xg = self.generate(z)
-                        parts_t.append(teacher_vector(self.query(xg), self.num_classes).to(device))
-                        parts_x.append(xg)
+                        t = teacher_vector(self.query(xg), self.num_classes).to(device)
+                        keep = self.keep_mask(t)
+                        keep[t.max(1).values.argmax()] = True  # never an empty batch
+                        parts_t.append(t[keep])
+                        parts_x.append(xg[keep])
                 else:
                     assert self.pool_z is not None and self.pool_t is not None
                     sel = self.sample_pool(n - n_edge)[mine]
@@ -486,6 +528,7 @@ class MEKD(BudgetedDistiller):
             "pool_t": self.pool_t,
             "edge_idx": self.edge_idx,
             "edge_t": self.edge_t,
+            "transfer_ready": self.transfer_ready,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -496,6 +539,8 @@ class MEKD(BudgetedDistiller):
         self.pool_z, self.pool_t = state.get("pool_z"), state.get("pool_t")
         self._pool_x = None
         self.edge_idx, self.edge_t = state.get("edge_idx"), state.get("edge_t")
+        built = self.pool_z is not None or self.edge_idx is not None  # files without the key
+        self.transfer_ready = bool(state.get("transfer_ready", built))
 
 
 @register_method(
@@ -519,6 +564,10 @@ def build(cfg, options, student, teacher, bundle) -> MEKD:
         )
     bb = make_teacher(cfg, options, teacher, bundle)
     distiller = MEKD(student, bb, options, bundle, cfg.batch_size, cfg.seed)
+    if options.min_confidence > 0 and distiller.kind == "hard":
+        raise ConfigError(
+            "options.min_confidence needs soft answers: a label carries no confidence"
+        )
     if options.generator:
         distiller.load_generator(options.generator)
     return distiller

@@ -30,9 +30,9 @@ def class_stats(labels: torch.Tensor, num_classes: int) -> tuple[int, float]:
     return int((counts > 0).sum()), float(-(p * p.log()).sum())
 
 
-def diag_latents(n: int, num_classes: int, seed: int) -> torch.Tensor:
+def diag_latents(m: Any, n: int) -> torch.Tensor:
     """The fixed latent batch the diagnostics ask about every GAN epoch (private RNG)."""
-    return torch.randn(n, num_classes, generator=torch.Generator().manual_seed(seed + 2))
+    return m.sample_latents(n, torch.Generator().manual_seed(m.seed + 2))
 
 
 def diagnostics(m: Any, epoch: int) -> dict[str, float]:
@@ -44,10 +44,11 @@ def diagnostics(m: Any, epoch: int) -> dict[str, float]:
         if st.get("im_seen") and m.kind == "soft":
             out["gan_im_top"] = st["im_top"] / st["im_seen"]
         n, spare = m.options.diag_batch, m.remaining
-        if spare is not None and m.options.edge_first and m.options.edge_share > 0:
+        edge_later = m.edge_t is None and m.options.edge_first and m.options.edge_share > 0
+        if spare is not None and edge_later:
             spare -= len(m.edge)  # never displace an edge answer: edge images pay better
         if n > 0 and (spare is None or spare >= n):
-            z = diag_latents(n, m.num_classes, m.seed)
+            z = diag_latents(m, n)
             was = m.generator.training
             m.generator.eval()  # the running statistics distillation will use; none updated
             device = next(m.generator.parameters()).device
@@ -67,4 +68,5 @@ def diagnostics(m: Any, epoch: int) -> dict[str, float]:
     if m.pool_t is not None and len(m.pool_t):
         classes, entropy = class_stats(m.pool_t.argmax(1), m.num_classes)
         out["transfer_classes"], out["transfer_class_entropy"] = classes, entropy
+        out["transfer_images"] = len(m.pool_t)  # generated images kept (min_confidence)
     return out

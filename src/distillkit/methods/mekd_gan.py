@@ -174,6 +174,29 @@ def standardize_rows(v: torch.Tensor) -> torch.Tensor:
     return v / v.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
 
 
+def generator_input(v: torch.Tensor, g_input: str, tau_g: float) -> torch.Tensor:
+    """What distillation feeds G for a teacher or student vector v: v / tau_g or its z-score."""
+    return standardize_rows(v) if g_input == "standardized" else v / tau_g
+
+
+def answer_latents(
+    answers: torch.Tensor,
+    n: int,
+    noise: float,
+    g_input: str,
+    tau_g: float,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """n latents matched to the teacher's answers: in(t) of a random answer plus noise * N(0, I).
+
+    G trained on these sees, in deprivatization, the range distillation later feeds it (in(t) and
+    in(s)); N(0, I) latents sit elsewhere (log-probabilities / tau_g are all negative).
+    """
+    idx = torch.randint(len(answers), (n,), generator=gen)
+    base = generator_input(answers[idx].float().cpu(), g_input, tau_g)
+    return base + noise * torch.randn(base.shape, generator=gen)
+
+
 def im_weights(out: TeacherOutput) -> torch.Tensor:
     """Per-image IM weight: the teacher's top probability (1 for hard labels)."""
     if out.probs is not None:
@@ -223,13 +246,10 @@ def distill_loss(
     label): softmax(one-hot / tau), as a soft answer would be read, is nearly uniform.
     """
 
-    def g_in(v: torch.Tensor) -> torch.Tensor:
-        return standardize_rows(v) if g_input == "standardized" else v / tau_g
-
     if align_weight > 0:
         with torch.no_grad():
-            target = generator(g_in(t))
-        recon = generator(g_in(s.float()))
+            target = generator(generator_input(t, g_input, tau_g))
+        recon = generator(generator_input(s.float(), g_input, tau_g))
         dist = F.l1_loss(recon, target) if align == "l1" else F.mse_loss(recon, target)
         dist = dist * align_weight
     else:

@@ -48,6 +48,14 @@ class MEKDOptions(BlackBoxOptions):
     balance: bool = True  # draw the transfer set with equal weight per teacher class
     edge_share: float = 0.5  # share of each distillation batch from answered edge images (0: none)
     edge_first: bool = True  # buy every edge image the budget allows first, generated ones after
+    # G's latents: "normal" N(0, I) (the paper) or "answers": in(t) of a teacher answer on an
+    # edge image plus latent_noise * N(0, I), so G learns the range distillation feeds it (the
+    # edge images are then bought before deprivatization; needs edge_first and edge_share > 0)
+    latents: str = "normal"
+    latent_noise: float = 1.0
+    # drop generated transfer images whose teacher top probability is below this (soft answers;
+    # they were paid for: this trades budget for cleaner targets). 0: keep all
+    min_confidence: float = 0.0
     kt_oversample: int = 4  # query_selection=kt picks the transfer set from this many x candidates
     generator: str | None = None  # run dir of an earlier mekd run to take G and D from
 
@@ -66,6 +74,7 @@ class MEKDOptions(BlackBoxOptions):
             )
         choices = {"align": ("l1", "l2"), "gan_loss": ("hinge", "bce")}
         choices["g_input"] = ("scaled", "standardized")
+        choices["latents"] = ("normal", "answers")
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -95,6 +104,15 @@ class MEKDOptions(BlackBoxOptions):
             raise ValueError(f"options.diag_batch must be >= 0, got {self.diag_batch}")
         if not 0.0 <= self.edge_share <= 1.0:
             raise ValueError(f"options.edge_share must be in [0, 1], got {self.edge_share}")
+        if self.latents == "answers" and not (self.edge_first and self.edge_share > 0):
+            raise ValueError(
+                "options.latents=answers draws on the answered edge images: it needs "
+                "edge_first=true and edge_share > 0"
+            )
+        if self.latent_noise < 0:
+            raise ValueError(f"options.latent_noise must be >= 0, got {self.latent_noise}")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise ValueError(f"options.min_confidence must be in [0, 1), got {self.min_confidence}")
         if self.kt_oversample < 1:
             raise ValueError(f"options.kt_oversample must be >= 1, got {self.kt_oversample}")
         parse_augment(self.diff_augment)
