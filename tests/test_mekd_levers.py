@@ -156,3 +156,16 @@ def test_answer_latents_run_end_to_end_with_diagnostics(digits_mlp_teacher, tmp_
     gan = [r for r in lines if "gan_classes" in r]
     assert gan and gan[0]["gan_classes"] >= 1  # the diagnostic batch was bought after the edge
     assert any("g_in_t_rms" in r for r in lines)
+
+
+def test_edge_share_one_buys_no_generated_images_even_with_budget_left(
+    digits_mlp_teacher, digits_bundle
+):
+    n = len(digits_bundle.train)
+    m = make(digits_mlp_teacher, digits_bundle, budget=n + 500, edge_share=1.0, diag_batch=0)
+    m.on_epoch_start(1)
+    m.train()
+    _step(m)
+    _step(m)
+    # every batch row comes from the edge images: the 500 left are not spent on unused images
+    assert m.spent == n == m.teacher.queries and m.pool_t is None

@@ -391,7 +391,7 @@ class MEKD(BudgetedDistiller):
             n_edge = min(len(self.edge), max(1, round(o.edge_share * size)))
             self.answer_edge(n_edge, device)
             size -= n_edge
-        if (o.edge_share >= 1.0 and not o.edge_first) or size < 1:
+        if o.edge_share >= 1.0 or size < 1:  # edge rows only: buy no generated image
             self.pool_z, self.pool_t = torch.zeros(0, self.num_classes), None
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
