@@ -6,7 +6,9 @@
 --run is an mekd run directory or its checkpoint file (with --dataset then); --curve a run
 directory or a metrics.jsonl file.
 
-The samples grid draws latents from N(0, I) (what the transfer set draws), generates images with
+The samples grid draws latents as the run's transfer set does (N(0, I), or with
+`options.latents=answers` the run's answers on edge images / tau_g plus noise, read from its
+checkpoint), generates images with
 the run's final generator (eval mode, as distillation uses it) and sorts them by the local
 teacher's argmax: one row per class, `--per-class` images in the order drawn (not hand-picked),
 the row title giving the class's share of the draws. The teacher is asked locally, for the picture
@@ -24,10 +26,12 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from distillkit.data.datasets import load_dataset
 from distillkit.data.transforms import normalize
-from distillkit.methods.mekd import Generator, read_run_weights
+from distillkit.methods.mekd import Generator, MEKDOptions, read_run_weights
+from distillkit.methods.mekd_gan import answer_latents
 from distillkit.models.checkpoint import model_from_checkpoint
 
 
@@ -60,6 +64,18 @@ def load_generator(run: Path, bundle) -> Generator:
     return g.eval()
 
 
+def draw_latents(run: Path, n: int, k: int) -> torch.Tensor:
+    """n latents as the run's transfer set draws them (seeded: the same picture every time)."""
+    gen = torch.Generator().manual_seed(0)
+    config = run / "config.yaml"
+    opts = yaml.safe_load(config.read_text()).get("options") or {} if config.is_file() else {}
+    o = MEKDOptions(**opts)
+    if o.latents != "answers":
+        return torch.randn(n, k, generator=gen)
+    answers = read_run_weights(str(run), "extra_state")["edge_t"]
+    return answer_latents(answers, n, o.latent_noise, o.g_input, o.tau_g, gen)
+
+
 def samples_grid(args: argparse.Namespace, out: Path) -> None:
     """Generated images sorted by the teacher's class, one row per class."""
     import matplotlib
@@ -73,7 +89,7 @@ def samples_grid(args: argparse.Namespace, out: Path) -> None:
     bundle = load_dataset("fashion-mnist" if name.startswith("fashion-mnist") else name)
     g = load_generator(run, bundle)
     teacher, _ = model_from_checkpoint(args.teacher)
-    z = torch.randn(args.draws, bundle.num_classes, generator=torch.Generator().manual_seed(0))
+    z = draw_latents(run, args.draws, bundle.num_classes)
     with torch.no_grad():
         pixels = (g(z) + 1.0) * 0.5
         labels = teacher(normalize(pixels, bundle.mean, bundle.std)).argmax(1)

@@ -4,12 +4,14 @@ set kept only where the teacher is confident."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from distillkit.cli import main
-from distillkit.methods.mekd import MEKDOptions
+from distillkit.methods.mekd import MEKDOptions, read_run_weights
 from distillkit.methods.mekd_gan import Generator, answer_latents
 from distillkit.models.checkpoint import model_from_checkpoint
 from tests.test_mekd_gan import make
@@ -151,11 +153,20 @@ def test_answer_latents_run_end_to_end_with_diagnostics(digits_mlp_teacher, tmp_
     args = ["distill", "method=mekd", f"teacher={digits_mlp_teacher}", "model=mlp", "epochs=2"]
     args += ["batch_size=64", "augment=false", "options.gan_epochs=1", "options.budget=1500"]
     args += ["options.latents=answers", "options.min_confidence=0.5", "options.diag_batch=16"]
+    args += ["options.latent_noise=0"]
     assert main([*args, f"out_dir={out}", "--quiet"]) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     gan = [r for r in lines if "gan_classes" in r]
     assert gan and gan[0]["gan_classes"] >= 1  # the diagnostic batch was bought after the edge
     assert any("g_in_t_rms" in r for r in lines)
+    # the samples picture draws the latents the run drew: its own answers / tau_g (noise 0 here)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mekd_plots
+
+    answers = read_run_weights(str(out), "extra_state")["edge_t"]
+    z = mekd_plots.draw_latents(out, 300, 10)
+    assert (_rows_of(z, answers / 5.0) >= 0).all()
+    assert mekd_plots.draw_latents(tmp_path, 5, 10).shape == (5, 10)  # no config: N(0, I)
 
 
 def test_edge_share_one_buys_no_generated_images_even_with_budget_left(

@@ -130,8 +130,9 @@ _NUMPY_GLOBALS: list[Any] = [
 ]
 
 
-def read_run_weights(run_dir: str) -> dict[str, Any]:
-    """The trained module weights ("distiller") in a run's last checkpoint, read as data only."""
+def read_run_weights(run_dir: str, part: str = "distiller") -> dict[str, Any]:
+    """A part of a run's last checkpoint, read as data only: the trained module weights
+    ("distiller", the default) or the method's "extra_state"."""
     path = Path(run_dir)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
@@ -145,7 +146,7 @@ def read_run_weights(run_dir: str) -> dict[str, Any]:
         raise ConfigError(
             f"options.generator: cannot read {path} ({type(exc).__name__}); is it a distillkit run?"
         ) from None
-    weights = state.get("distiller") if isinstance(state, dict) else None
+    weights = state.get(part) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise ConfigError(f"options.generator: {path} is not a distillkit run checkpoint")
     return weights
