@@ -22,3 +22,17 @@ def keep_previous(out: Path, names: list[str]) -> list[Path]:
         print(f"kept the previous {name} as {target}", flush=True)
         kept.append(target)
     return kept
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Rename a run directory an interrupted attempt left to NAME.interrupted-<its time> (kept, not
+    deleted), so a fresh attempt neither appends to its metrics nor mixes with its checkpoints."""
+    if not run_dir.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
+    target, n = run_dir.with_name(f"{run_dir.name}.interrupted-{stamp}"), 1
+    while target.exists():
+        target, n = run_dir.with_name(f"{run_dir.name}.interrupted-{stamp}-{n}"), n + 1
+    os.replace(run_dir, target)
+    print(f"kept an interrupted attempt's {run_dir} as {target}", flush=True)
+    return target

@@ -36,7 +36,8 @@ edge shard, a registered dataset of its own, so the run sets `teacher_dataset_ch
 the main process). Each finished run appends a line to OUT/runs.jsonl, which is never truncated: a
 stopped benchmark keeps what it measured, a second invocation into the same OUT (other budgets,
 say) adds its runs to the first's, and a run already recorded there (same method, budget, seed and
-split) is not run again (use another --out for other settings). A run that fails is reported in one
+split) is not run again (use another --out for other settings); the directory of a run an
+earlier invocation left unfinished is kept as NAME.interrupted-TIME and the run starts afresh. A run that fails is reported in one
 line (its traceback in OUT/runs/NAME/error.txt), is not recorded, and the benchmark exits 1. OUT/report.md and OUT/results.json
 tabulate every run in runs.jsonl; `--report-only` prints that table.
 
@@ -68,6 +69,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import set_aside  # noqa: E402
 from _pool import Job, JobError, run_jobs  # noqa: E402
 
 from distillkit.config import config_from_dict
@@ -211,6 +213,8 @@ def run_one(job: dict) -> dict:
     register_edge(args)
     if job.get("api_key"):
         os.environ["DISTILLKIT_API_KEY"] = job["api_key"]
+    # a run recorded in runs.jsonl is never run again: a directory here is an interrupted attempt
+    set_aside(Path(job["spec"]["out_dir"]))
     p = prepare(config_from_dict(job["spec"]))
     summary = run_prepared(p)
     teacher = p.distiller.teacher

@@ -67,9 +67,11 @@ def load_generator(run: Path, bundle) -> Generator:
 def draw_latents(run: Path, n: int, k: int) -> torch.Tensor:
     """n latents as the run's transfer set draws them (seeded: the same picture every time)."""
     gen = torch.Generator().manual_seed(0)
-    config = run / "config.yaml"
-    opts = yaml.safe_load(config.read_text()).get("options") or {} if config.is_file() else {}
-    o = MEKDOptions(**opts)
+    config = (run if run.is_dir() else run.parent.parent) / "config.yaml"
+    if not config.is_file():  # options unknown: the paper's N(0, I)
+        return torch.randn(n, k, generator=gen)
+    opts = yaml.safe_load(config.read_text()).get("options") or {}
+    o = MEKDOptions(**opts).resolved(opts.get("response", "soft"))
     if o.latents != "answers":
         return torch.randn(n, k, generator=gen)
     answers = read_run_weights(str(run), "extra_state")["edge_t"]

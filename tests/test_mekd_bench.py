@@ -125,3 +125,27 @@ def test_table_spread_is_the_sample_standard_deviation():
     ]
     (row,) = bench.table(rows)
     assert row["acc_mean"] == 2.0 and abs(row["acc_std"] - 1.0) < 1e-12
+
+
+def test_an_interrupted_attempts_run_directory_is_kept_aside_not_appended_to(tmp_path, monkeypatch):
+    bench = load_bench()
+    run_dir = tmp_path / "runs" / "mekd_soft_b100_s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')  # what the interrupted attempt wrote
+    seen = []
+
+    def fake_prepare(cfg):
+        seen.append(run_dir.exists())  # the fresh attempt starts without the old directory
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bench, "prepare", fake_prepare)
+    monkeypatch.setattr(bench, "register_edge", lambda args: None)
+    job = {"args": {}, "spec": {"out_dir": str(run_dir), "model": "mlp"}}
+    try:
+        bench.run_one(job)
+    except RuntimeError:
+        pass
+    assert seen == [False]
+    kept = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("mekd_soft_b100_s0.")]
+    assert len(kept) == 1 and "interrupted" in kept[0].name
+    assert (kept[0] / "metrics.jsonl").read_text() == '{"epoch": 1}\n'  # nothing deleted

@@ -45,6 +45,8 @@ def short_run(digits_mlp_teacher, tmp_path_factory):
         "options.budget=2000",
         "options.diag_batch=40",
         "options.im_batch=16",
+        "options.edge_share=0.5",  # generated images too (soft answers default to edge ones only)
+        "options.latents=normal",  # the paper's N(0, I) latents (the default with hard answers)
         f"out_dir={out}",
         "--quiet",
     ]
@@ -80,7 +82,7 @@ def test_gan_diagnostics_are_logged_every_gan_epoch_and_counted(short_run):
 def test_diagnostics_cost_nothing_off_and_never_displace_edge_answers(
     digits_mlp_teacher, digits_bundle
 ):
-    m = make(digits_mlp_teacher, digits_bundle, budget=200, diag_batch=0)
+    m = make(digits_mlp_teacher, digits_bundle, budget=200, diag_batch=0, latents="normal")
     m.train()
     m.on_epoch_start(0)
     m.training_step((torch.randn(32, 1, 8, 8), torch.zeros(32, dtype=torch.long), None))
@@ -88,19 +90,21 @@ def test_diagnostics_cost_nothing_off_and_never_displace_edge_answers(
     assert set(out) == {"gan_d_acc"} and m.spent == 0 == m.teacher.queries
     # on by default, but with edge_first only from budget the edge images cannot use
     n = len(digits_bundle.train)
-    for budget, bought in ((n, 0), (n + 8, 8)):
-        m = make(digits_mlp_teacher, digits_bundle, budget=budget)
-        m.train()
-        m.on_epoch_start(0)
-        out = m.on_epoch_end(0)
-        assert m.spent == bought and ("gan_classes" in out) == (bought > 0)
+    for latents, edge in (("normal", 0), ("answers", n)):  # answers: edge images bought first
+        for budget, bought in ((n, 0), (n + 8, 8)):
+            m = make(digits_mlp_teacher, digits_bundle, budget=budget, latents=latents)
+            m.train()
+            m.on_epoch_start(0)
+            m.training_step((torch.randn(32, 1, 8, 8), torch.zeros(32, dtype=torch.long), None))
+            out = m.on_epoch_end(0)
+            assert m.spent == edge + bought and ("gan_classes" in out) == (bought > 0)
 
 
 def test_short_digits_run_generator_covers_most_teacher_classes(
     short_run, digits_mlp_teacher, digits_bundle
 ):
-    # measured independently of the run's own diagnostics: its final G, 1000 fresh latents,
-    # the teacher's argmax; a class counts when it is at least 1% of the draws
+    # measured independently of the run's own diagnostics: its final G, 1000 fresh N(0, I)
+    # latents, the teacher's argmax; a class counts when it is at least 1% of the draws
     weights = read_run_weights(str(short_run))
     part = {k[len("generator.") :]: v for k, v in weights.items() if k.startswith("generator.")}
     g = Generator(10, 1, 8, 32)

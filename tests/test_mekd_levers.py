@@ -48,7 +48,7 @@ def test_answers_latents_buy_edge_answers_first_and_feed_them_to_the_gan(
     digits_mlp_teacher, digits_bundle
 ):
     n = len(digits_bundle.train)
-    kw = {"latents": "answers", "latent_noise": 0.0, "diag_batch": 0}
+    kw = {"latents": "answers", "latent_noise": 0.0, "diag_batch": 0, "edge_share": 0.5}
     m = make(digits_mlp_teacher, digits_bundle, budget=n + 40, **kw)
     m.train()
     m.on_epoch_start(0)
@@ -82,7 +82,9 @@ def test_min_confidence_keeps_only_confident_generated_answers_and_still_pays(
     model, _ = model_from_checkpoint(digits_mlp_teacher)
 
     def build(**kw):
-        m = make(digits_mlp_teacher, digits_bundle, budget=n + 300, diag_batch=0, **kw)
+        m = make(
+            digits_mlp_teacher, digits_bundle, budget=n + 300, diag_batch=0, edge_share=0.5, **kw
+        )
         torch.manual_seed(0)
         m.generator.load_state_dict(Generator(10, 1, 8, 16).state_dict())  # the same G for both
         m.on_epoch_start(1)
@@ -180,3 +182,19 @@ def test_edge_share_one_buys_no_generated_images_even_with_budget_left(
     _step(m)
     # every batch row comes from the edge images: the 500 left are not spent on unused images
     assert m.spent == n == m.teacher.queries and m.pool_t is None
+
+
+def test_edge_share_default_is_edge_images_only_for_soft_and_half_for_hard(
+    digits_mlp_teacher, digits_bundle
+):
+    n = len(digits_bundle.train)
+    for response, share, spent in (("soft", 1.0, n), ("hard", 0.5, n + 200)):
+        m = make(digits_mlp_teacher, digits_bundle, budget=n + 200, response=response, diag_batch=0)
+        assert MEKDOptions().edge_share is None and m.options.edge_share == share
+        m.on_epoch_start(1)
+        m.train()
+        _step(m)
+        # soft: no generated image is bought; hard: the budget left buys them
+        assert m.spent == spent == m.teacher.queries
+    with pytest.raises(ValueError, match="edge_share"):
+        MEKDOptions(edge_share=-0.1).validate()

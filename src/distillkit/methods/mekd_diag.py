@@ -47,7 +47,8 @@ def diagnostics(m: Any, epoch: int) -> dict[str, float]:
         edge_later = m.edge_t is None and m.options.edge_first and m.options.edge_share > 0
         if spare is not None and edge_later:
             spare -= len(m.edge)  # never displace an edge answer: edge images pay better
-        if n > 0 and (spare is None or spare >= n):
+        unmatched = m.options.latents == "answers" and m.edge_t is None  # no answers to draw on
+        if n > 0 and not unmatched and (spare is None or spare >= n):
             z = diag_latents(m, n)
             was = m.generator.training
             m.generator.eval()  # the running statistics distillation will use; none updated
