@@ -37,9 +37,10 @@ the main process). Each finished run appends a line to OUT/runs.jsonl, which is 
 stopped benchmark keeps what it measured, a second invocation into the same OUT (other budgets,
 say) adds its runs to the first's, and a run already recorded there (same method, budget, seed and
 split) is not run again (use another --out for other settings); the directory of a run an
-earlier invocation left unfinished is kept as NAME.interrupted-TIME and the run starts afresh. A run that fails is reported in one
-line (its traceback in OUT/runs/NAME/error.txt), is not recorded, and the benchmark exits 1. OUT/report.md and OUT/results.json
-tabulate every run in runs.jsonl; `--report-only` prints that table.
+earlier invocation left unfinished is kept as NAME.interrupted.TIME and the run starts afresh. A
+run that fails is reported in one line (its traceback in OUT/runs/NAME/error.txt), is not
+recorded, and the benchmark exits 1. OUT/report.md and OUT/results.json tabulate every run in
+runs.jsonl; `--report-only` prints that table.
 
     python benchmarks/mekd_fmnist.py                     # full: budgets 5k/20k/100k, 3 seeds
     python benchmarks/mekd_fmnist.py --smoke             # minutes on a CPU: tiny everything
