@@ -1,5 +1,7 @@
 """Test-wide settings."""
 
+import signal
+
 import pytest
 import torch
 
@@ -14,6 +16,16 @@ def _one_thread_for_every_test():
     inherit it."""
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_is_delivered():
+    """A shell starts a background job (`make test &`, nohup) with SIGINT ignored, and children
+    inherit that: the Ctrl-C tests would then see no KeyboardInterrupt. Restore Python's handler
+    (children exec'd from here get the default action, as in a terminal)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture(scope="session")
