@@ -33,12 +33,12 @@ One method, two phases chosen by the epoch (`on_epoch_start`):
    Without `edge_first`, `edge_share` is also the budget's share for edge images; `edge_share=0`
    distils on generated images only (the paper), whatever `edge_first` says. Generated images
    are drawn class-balanced by the teacher's answer (`balance`). With neither budget nor
-   `transfer_size`, fresh G(z) are asked at every step. Defaults per kind of answer (`MEKDOptions.resolved`, chosen on the F-MNIST
-   validation split below): soft answers distil on edge images only (`edge_share` 1: a generated
-   image teaches less than it costs) with G trained on `latents=answers` (in(t) of the teacher's
-   answers on edge images plus N(0, I) noise: the range distillation feeds G; the edge images are
-   then bought before deprivatization); hard answers take half of each batch from generated
-   images, N(0, I) latents. `min_confidence` drops generated images the teacher is unsure of.
+   `transfer_size`, fresh G(z) are asked at every step. Defaults per kind of answer
+   (`MEKDOptions.resolved`, chosen on the F-MNIST validation split below): soft answers distil on
+   edge images only (`edge_share` 1: a generated image teaches less than it costs), G trained on
+   `latents=answers` (in(t) of the teacher's answers on edge images plus N(0, I) noise, the range
+   distillation feeds G; those edge images bought before deprivatization); hard answers take half
+   of each batch from generated images, N(0, I) latents. (`min_confidence`: see the table.)
 
 Measured (seed 0; digits: resnet20 teacher 98.0%, cnn_small, 30 epochs with 10 GAN epochs of
 5 updates a batch, gen_width 64, budget 5000 > the 1347 edge images, test split; F-MNIST:
@@ -162,6 +162,8 @@ class MEKD(BudgetedDistiller):
         super().__init__(student, teacher, options, bundle.num_classes)
         self.kind = teacher.kind if teacher.kind in ("soft", "hard") else options.response
         options = options.resolved(self.kind)  # the defaults measured per kind of answer
+        if options.min_confidence > 0 and self.kind == "hard":  # a label carries no confidence
+            raise ConfigError("options.min_confidence needs soft answers, not labels")
         self.options: MEKDOptions = options
         self.seed = seed
         self.mean, self.std = bundle.mean, bundle.std
@@ -281,13 +283,7 @@ class MEKD(BudgetedDistiller):
         """Generator noise for the edge batch x: drawn for the global batch, this rank's rows kept."""
         if self.options.latents == "normal":
             return take_rows(torch.randn(draw_size(x), self.num_classes, device=x.device), x)
-        if self.edge_t is None:
-            # the answers the latents match: the edge images edge_first buys anyway, bought now
-            size = len(self.edge) if self.fresh_queries else self.transfer_size()
-            assert size is not None
-            if size < 1:
-                raise BudgetExceededError("no query budget left for MEKD's edge answers")
-            self.answer_edge(min(len(self.edge), size), x.device)
+        self.answer_edge_first(x.device)  # the answers the latents match, bought now
         return take_rows(self.sample_latents(draw_size(x)).to(x.device), x)
 
     def gan_step_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -360,6 +356,16 @@ class MEKD(BudgetedDistiller):
         )
         self.edge_idx = idx
 
+    def answer_edge_first(self, device: torch.device) -> None:
+        """Ask about every edge image the budget allows, once (nothing when already bought)."""
+        if self.edge_t is not None:
+            return
+        size = len(self.edge) if self.fresh_queries else self.transfer_size()
+        assert size is not None
+        if size < 1:
+            raise BudgetExceededError("no query budget left for MEKD's edge answers")
+        self.answer_edge(min(len(self.edge), size), device)
+
     def transfer_size(self) -> int | None:
         """Images the transfer set may hold, edge answers already bought included."""
         left, cap = self.remaining, self.options.transfer_size
@@ -371,7 +377,7 @@ class MEKD(BudgetedDistiller):
 
     def keep_mask(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of answers t to distil on: the teacher's top probability >= min_confidence."""
-        if self.options.min_confidence <= 0 or self.kind == "hard":
+        if self.options.min_confidence <= 0:
             return torch.ones(len(t), dtype=torch.bool, device=t.device)
         return t.exp().max(1).values >= self.options.min_confidence
 
@@ -380,8 +386,8 @@ class MEKD(BudgetedDistiller):
         self.transfer_ready = True
         if self.fresh_queries:
             # unlimited teacher, no set size: the whole edge set once, generated images per step
-            if self.options.edge_share > 0 and self.edge_t is None:
-                self.answer_edge(len(self.edge), device)
+            if self.options.edge_share > 0:
+                self.answer_edge_first(device)
             return
         size = self.transfer_size()
         assert size is not None
@@ -393,8 +399,7 @@ class MEKD(BudgetedDistiller):
         o = self.options
         if o.edge_first and o.edge_share > 0:
             # every edge image the budget allows, generated images only with what is left
-            if self.edge_t is None:
-                self.answer_edge(min(len(self.edge), size), device)
+            self.answer_edge_first(device)
             assert self.edge_t is not None
             size -= len(self.edge_t)
         elif o.edge_share > 0:
@@ -574,10 +579,6 @@ def build(cfg, options, student, teacher, bundle) -> MEKD:
         )
     bb = make_teacher(cfg, options, teacher, bundle)
     distiller = MEKD(student, bb, options, bundle, cfg.batch_size, cfg.seed)
-    if options.min_confidence > 0 and distiller.kind == "hard":
-        raise ConfigError(
-            "options.min_confidence needs soft answers: a label carries no confidence"
-        )
     if options.generator:
         distiller.load_generator(options.generator)
     return distiller
