@@ -15,21 +15,17 @@ def _matrices(G, L, seed=0):
 
 
 def test_stored_sums_match_float64_sums_in_group_chunks(monkeypatch):
-    # row means come from the two complementary columns (no pass of their own); groups go
-    # a few at a time, rows in chunks: every sum is still the float64 sum of K's entries
-    monkeypatch.setattr(halving, "_CHUNK", 16 * 64 * 2)  # 2 groups, 32 rows per GEMM
-    K = _matrices(5, 64)
+    # groups go a few at a time, rows in chunks (odd-sized, so a chunk may start on an odd
+    # row): every sum is still the float64 sum of K's entries
+    monkeypatch.setattr(halving, "_CHUNK", 17 * 132)  # 2 groups, 17 rows per chunk
+    K = _matrices(5, 66)
     rng = np.random.default_rng(1)
-    V = np.zeros((5, 64, 3))
-    for g in range(5):
-        half = rng.permutation(64)[:32]
-        V[g, half, 0] = 1.0
-        V[g, :, 1] = 1.0 - V[g, :, 0]
-        V[g, 1::2, 2] = 1.0
-    mean, KV = halving.stored_sums(K, V)
+    w = np.where(rng.random((5, 66)) < 0.5, 1.0, -1.0)
+    rows, Kw, sks = halving.stored_sums(K, w)
     K64 = K.astype(np.float64)
-    np.testing.assert_allclose(mean, K64.mean(axis=2), rtol=1e-15, atol=0)
-    np.testing.assert_allclose(KV, K64 @ V, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(rows, K64.sum(axis=2), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(Kw, np.einsum("gij,gj->gi", K64, w), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(sks, K64[:, 1::2, 1::2].sum(axis=(1, 2)), rtol=1e-14, atol=0)
 
 
 def test_kernel_matrices_mirror_the_lower_triangle_of_diagonal_blocks(monkeypatch):
@@ -43,3 +39,32 @@ def test_kernel_matrices_mirror_the_lower_triangle_of_diagonal_blocks(monkeypatc
     lo = np.tril_indices(40)
     np.testing.assert_allclose(K[:, lo[0], lo[1]], ref[:, lo[0], lo[1]], rtol=0, atol=1e-6)
     assert halving._upper(16).sum() == 16 * 15 // 2
+
+
+def test_swap_gets_the_float64_sums_of_the_chosen_candidate(monkeypatch):
+    # the chosen candidate's kernel sums reach KT-SWAP exact in float64, also where the
+    # standard-thinning half wins (forced here by a split that keeps one side of the line)
+    compress = importlib.import_module("distillkit.thinning.compress")
+    seen = {}
+
+    def split_by_side(K, A, U):
+        G, L, _ = K.shape
+        order = np.argsort(Xg[..., 0], axis=1)  # children: left half and right half
+        return np.stack([order[:, : L // 2], order[:, L // 2 :]], axis=1)
+
+    def spy(kernel, X, best, meanK, passes, unique, K=None, ksum=None):
+        seen.update(best=best.copy(), meanK=meanK, ksum=ksum, K=K.astype(np.float64))
+        return best
+
+    rng = np.random.default_rng(3)
+    Xg = rng.standard_normal((4, 64, 2)).astype(np.float32)
+    Xg[0] = np.sort(Xg[0], axis=0)  # group 0: paired neighbours, a good split
+    monkeypatch.setattr(compress, "refine", spy)
+    monkeypatch.setattr(compress, "halve_stored", split_by_side)
+    compress._swap_halve_stored(Gaussian(1.0), Xg, 10.0, np.random.default_rng(0), [])
+    best, K = seen["best"], seen["K"]
+    std = np.arange(1, 64, 2)
+    assert (best == std).all(axis=1).any()  # standard thinning beat a one-sided child
+    np.testing.assert_allclose(seen["meanK"], K.mean(axis=2), rtol=1e-14, atol=0)
+    want = np.stack([K[g][:, best[g]].sum(axis=1) for g in range(4)])
+    np.testing.assert_allclose(seen["ksum"], want, rtol=1e-12, atol=1e-12)

@@ -103,18 +103,25 @@ def _swap_halve_stored(
     h = L // 2
     A = thresholds(paired_b2(K), log_mult)
     pos = halve_stored(K, A, rng.random((G, h)))
+    w = np.zeros((G, L))
+    np.put_along_axis(w, pos[:, 0], 1.0, axis=1)
+    np.put_along_axis(w, pos[:, 1], -1.0, axis=1)
+    rows, Kw, sks = stored_sums(K, w)
+    meanK = rows / L
+    # K @ child 0 and K @ child 1 (the two KT-SPLIT children partition the group)
+    Kc = np.stack([0.5 * (rows + Kw), 0.5 * (rows - Kw)], axis=1)
+    # MMD^2 of each candidate up to a constant: v'Kv / h^2 - 2 mean of meanK over it
+    vkv = np.concatenate([np.take_along_axis(Kc, pos, axis=2).sum(axis=2), sks[:, None]], 1)
     std = np.broadcast_to(np.arange(1, L, 2), (G, h))
     cands = np.concatenate([pos, std[:, None, :]], axis=1)  # (G, 3, L/2)
-    V = np.zeros((G, L, 3))
-    np.put_along_axis(V, np.swapaxes(cands, 1, 2), 1.0, axis=1)
-    meanK, KV = stored_sums(K, V)  # the two KT-SPLIT children partition the group
-    # MMD^2 of each candidate up to a constant: v'Kv / h^2 - 2 mean of meanK over it
-    vkv = np.einsum("glc,glc->gc", V, KV)
     mk = np.take_along_axis(meanK[:, None, :], cands, axis=2).mean(axis=2)
     pick = (vkv / h**2 - 2.0 * mk).argmin(axis=1)
     gi = np.arange(G)
     best = cands[gi, pick]
-    keep = refine(kernel, Xg, best, meanK, 1, True, K=K, ksum=KV[gi, :, pick])
+    ksum = Kc[gi, np.minimum(pick, 1)]
+    for g in np.nonzero(pick == 2)[0]:  # standard thinning won (rare): its sums on demand
+        ksum[g] = K[g][:, 1::2].sum(axis=1, dtype=np.float64)
+    keep = refine(kernel, Xg, best, meanK, 1, True, K=K, ksum=ksum)
     return _symmetrise(keep, L, rng)
 
 
