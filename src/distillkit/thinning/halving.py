@@ -257,14 +257,15 @@ def stored_sums(K: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
     w (G, L) are the split's signs (+1 child 0, -1 child 1), so K @ child = (K @ 1 +- K @ w)
     / 2; std marks the odd positions (the standard-thinning half). Each chunk of rows is
-    converted once into a reused float64 buffer and reduced by a matrix-vector product and
-    a row sum: a three-column GEMM on a fresh copy took 1.6x as long.
+    converted once into a reused float64 buffer and reduced by two matrix-vector products:
+    a three-column GEMM on a fresh copy took twice as long.
     """
     G, L, _ = K.shape
     rows, Kw, sks = np.empty((G, L)), np.empty((G, L)), np.zeros(G)
     std = np.zeros((L, 1))
     std[1::2] = 1.0
     w3 = np.ascontiguousarray(w, dtype=np.float64)[..., None]
+    ones = np.ones_like(w3)
     # a few groups at a time, so that each product has at least 16 rows (at G = 64, L = 1024
     # one chunk over all groups made 4-row products, a third of the time in call overhead)
     gs = max(1, min(G, _CHUNK // (16 * L)))
@@ -277,6 +278,6 @@ def stored_sums(K: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
             B = buf[: (g1 - g0) * (r1 - r0) * L].reshape(g1 - g0, r1 - r0, L)
             np.copyto(B, K[g0:g1, r0:r1])
             np.matmul(B, w3[g0:g1], out=Kw[g0:g1, r0:r1, None])
-            np.sum(B, axis=2, out=rows[g0:g1, r0:r1])
+            np.matmul(B, ones[g0:g1], out=rows[g0:g1, r0:r1, None])  # 1.6x np.sum's speed
             sks[g0:g1] += (B[:, (r0 + 1) % 2 :: 2] @ std).sum(axis=(1, 2))
     return rows, Kw, sks
