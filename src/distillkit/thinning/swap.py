@@ -386,17 +386,16 @@ def _sweeps_batch(K, S, stat, big, passes, tol) -> None:
             np.subtract(stat, row_c, out=tmp)
             z = tmp.argmin(axis=1)
             acc = np.nonzero(tmp[gidx, c] - tmp[gidx, z] > tol)[0]  # 0 where z == c
-            if 2 * acc.size > G:
-                # most groups swap: a whole-array update beats gathering and scattering rows;
-                # the others "swap" c for itself, an exact zero row (tmp is free again here)
-                zr = c.copy()
-                zr[acc] = z[acc]
-                stat += np.subtract(K[gidx, zr], row_c, out=tmp, dtype=np.float64)
-                S[acc, t] = z[acc]
-                changed = True
-            elif acc.size:
+            if acc.size:
                 za = z[acc]
-                stat[acc] += np.subtract(K[acc, za], row_c[acc], dtype=np.float64)
+                if 2 * acc.size > G:
+                    # most groups swap: a whole-array update beats gathering and scattering
+                    # rows; the others "swap" c for itself, an exact zero row (tmp is free here)
+                    zr = c.copy()
+                    zr[acc] = za
+                    stat += np.subtract(K[gidx, zr], row_c, out=tmp, dtype=np.float64)
+                else:
+                    stat[acc] += np.subtract(K[acc, za], row_c[acc], dtype=np.float64)
                 S[acc, t] = za
                 changed = True
             stat[gidx, S[:, t]] += big
