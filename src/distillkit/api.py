@@ -21,10 +21,8 @@ import dataclasses
 import difflib
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +32,7 @@ from torch import nn
 from distillkit.config import RunConfig, config_from_dict
 from distillkit.data.datasets import DataBundle
 from distillkit.data.external import ARRAY_KEYS, arrays_to_bundle
+from distillkit.engine.checkpoint import write_atomically
 from distillkit.errors import ConfigError
 from distillkit.methods import get_method
 from distillkit.models import build_model
@@ -83,10 +82,8 @@ def distill(
 
 
 # -- keyword routing -------------------------------------------------------------------------------
-def route_keywords(
-    fn: str, method: str, given: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split keyword arguments into (run-level config keys, method options); unknown: ConfigError."""
+def route_keywords(fn: str, method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments as config data, method options under 'options'; unknown: ConfigError."""
     try:
         spec = get_method(method)
     except ValueError as exc:
@@ -126,7 +123,7 @@ def route_keywords(
         )
     if opts:
         config["options"] = opts
-    return config, opts
+    return config
 
 
 # -- models given as objects -----------------------------------------------------------------------
@@ -162,12 +159,10 @@ def rebuild_problem(
         return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
     mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    if mine == theirs:
-        return None
     for key in sorted(set(mine) | set(theirs)):
         if mine.get(key) != theirs.get(key):
             return f"'{key}' is {mine.get(key, 'absent')} here, {theirs.get(key, 'absent')} rebuilt"
-    return "the state_dicts differ"
+    return None
 
 
 def _record_student(student: nn.Module, kwargs: dict[str, Any], bundle: DataBundle, fn: str) -> str:
@@ -182,19 +177,6 @@ def _record_student(student: nn.Module, kwargs: dict[str, Any], bundle: DataBund
                 stacklevel=3,
             )
     return spec
-
-
-def _save_teacher_weights(teacher: nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- data given as objects -------------------------------------------------------------------------
@@ -284,18 +266,13 @@ def _run(
     method: str,
     given: dict[str, Any],
 ) -> dict[str, Any]:
-    data, _ = route_keywords(fn, method, dict(given))
+    data = route_keywords(fn, method, dict(given))
     data["method"] = method
-    objects = RunObjects()
-    if isinstance(train, str):
-        if test is not None:
-            raise ConfigError(
-                f"test: dataset {train!r} brings its own test split; give test only with data "
-                "objects"
-            )
-        data["dataset"] = train
-    else:
-        data["dataset"] = IN_MEMORY
+    if isinstance(train, str) and test is not None:
+        raise ConfigError(
+            f"test: dataset {train!r} brings its own test split; give test only with data objects"
+        )
+    data["dataset"] = train if isinstance(train, str) else IN_MEMORY
     if isinstance(model, str):
         data["model"] = model
     if isinstance(teacher, str):
@@ -305,7 +282,7 @@ def _run(
         bundle = load_run_dataset(cfg)
     else:
         bundle = bundle_from_objects(train, test, cfg.image_size)
-    objects.bundle = bundle
+    objects = RunObjects(bundle=bundle)
     notes = []
     if isinstance(model, nn.Module):
         spec = _record_student(model, dict(cfg.model_kwargs), bundle, fn)
@@ -335,7 +312,8 @@ def _run(
     refuse_existing_run(cfg)
     if teacher_weights is not None:
         # the run loads its teacher from this file, as any later resume will
-        _save_teacher_weights(teacher, teacher_weights)  # type: ignore[arg-type]
+        state = teacher.state_dict()  # type: ignore[union-attr]
+        write_atomically({k: v.detach().cpu() for k, v in state.items()}, teacher_weights)
     history = [
         f"distillkit.{fn}() in Python: model {_describe(model)}, teacher {_describe(teacher)}, "
         f"data {_describe(train)}, method={method!r}, {', '.join(sorted(given)) or 'no options'}",

@@ -7,8 +7,10 @@ ranges, choices). The runner checks names and builds a method's typed `options` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import itertools
 import os
 import tempfile
 import types
@@ -129,6 +131,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# what a value of these annotated types must be, as error messages name it
+_EXPECTED = {bool: "true/false", int: "an integer", str: "a string"}
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotated type, converting only the safe cases (int -> float)."""
     origin = typing.get_origin(tp)
@@ -136,14 +142,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            if arg is not type(None):
+                with contextlib.suppress(ConfigError):
+                    return _coerce(key, value, arg)
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
@@ -152,36 +154,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
+        return dict(value) if origin is dict else build_dataclass(tp, value, prefix=f"{key}.")
+    if tp in _EXPECTED:
+        # bool is a subclass of int, but true is no integer
+        if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
             return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected {_EXPECTED[tp]}, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
             # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python reads as a number
-            try:
+            with contextlib.suppress(ValueError):
                 return float(value)
-            except ValueError:
-                pass
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return build_dataclass(tp, value, prefix=f"{key}.")
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
@@ -203,8 +192,7 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(prefix + key, value, hints[key])
-    obj = cls(**kwargs)
-    return obj
+    return cls(**kwargs)
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -214,11 +202,9 @@ def _validate(cfg: RunConfig) -> None:
             obj = getattr(obj, part)
         if obj not in allowed:
             raise ConfigError(f"config key '{key}': unknown value {obj!r}; choose from {allowed}")
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
-    positive["eval_batch_size"] = cfg.eval_batch_size
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {value!r}")
+    for key in ("epochs", "batch_size", "lr", "eval_batch_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {getattr(cfg, key)!r}")
     if cfg.save_every < 1:
         raise ConfigError(f"config key 'save_every': must be >= 1, got {cfg.save_every!r}")
     if cfg.warmup_epochs < 0:
@@ -306,11 +292,9 @@ def read_config_data(path: str | Path | None, overrides: list[str] | None = None
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
+        if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of keys to values")
-        data = loaded
+        data = loaded or {}
     return _merge(data, parse_overrides(overrides or []))
 
 
@@ -361,17 +345,11 @@ def save_config(cfg: RunConfig, path: str | Path, history: list[str] | None = No
 def read_config_history(path: str | Path) -> list[str]:
     """The history lines save_config wrote into a config file ([] if none or no file)."""
     p = Path(path)
-    if not p.is_file():
+    lines = p.read_text().splitlines() if p.is_file() else []
+    if lines[:1] != [HISTORY_TITLE]:
         return []
-    lines = p.read_text().splitlines()
-    if not lines or lines[0] != HISTORY_TITLE:
-        return []
-    out = []
-    for line in lines[1:]:
-        if not line.startswith(HISTORY_PREFIX):
-            break
-        out.append(line[len(HISTORY_PREFIX) :])
-    return out
+    kept = itertools.takewhile(lambda line: line.startswith(HISTORY_PREFIX), lines[1:])
+    return [line.removeprefix(HISTORY_PREFIX) for line in kept]
 
 
 def format_overrides(overrides: dict[str, Any], prefix: str = "") -> list[str]:

@@ -51,21 +51,17 @@ def run_demo(
     out = Path(out)
     prepare_output(out)
     common = {"dataset": "digits", "seed": seed, "quiet": quiet, "batch_size": 64}
-    teacher = dict(TEACHER, **common, name="teacher", method="ce", out_dir=str(out / "teacher"))
-    student = dict(STUDENT, **common, name="student", method="ce", out_dir=str(out / "student"))
-    kd = dict(
-        STUDENT,
-        **common,
-        name="kd",
-        method="kd",
-        teacher=str(out / "teacher"),
-        out_dir=str(out / "kd"),
+    if epochs is not None:
+        common["epochs"] = epochs
+    kd = {"teacher": str(out / "teacher"), "options": {"temperature": 4.0, "alpha": 0.1}}
+    runs = (
+        ("teacher", "teacher", TEACHER, "ce", {}),
+        ("student alone", "student", STUDENT, "ce", {}),
+        ("KD student", "kd", STUDENT, "kd", kd),
     )
-    kd["options"] = {"temperature": 4.0, "alpha": 0.1}
     rows = []
-    for label, spec in (("teacher", teacher), ("student alone", student), ("KD student", kd)):
-        if epochs is not None:
-            spec["epochs"] = epochs
+    for label, name, base, method, extra in runs:
+        spec = dict(base, **common, **extra, name=name, method=method, out_dir=str(out / name))
         summary = run(config_from_dict(spec))
         rows.append({"run": label, "model": spec["model"], **summary})
     cols = ["run", "model", "test_acc", "best_acc", "wall_time_s", "images_per_sec"]

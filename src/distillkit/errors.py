@@ -31,6 +31,3 @@ class InputNotFoundError(UserError, FileNotFoundError):
 
 class InvalidInputError(UserError, ValueError):
     """A file the user named exists but cannot be used (corrupt, wrong format or version)."""
-
-
-__all__ = ["ConfigError", "InputNotFoundError", "InvalidInputError", "UsageError", "UserError"]

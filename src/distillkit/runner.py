@@ -39,8 +39,9 @@ from distillkit.engine.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from distillkit.engine.setup import teacher_cache_enabled
-from distillkit.engine.trainer import Trainer, resolve_device, seed_everything
+from distillkit.engine.evaluation import evaluate
+from distillkit.engine.setup import resolve_device, seed_everything, teacher_cache_enabled
+from distillkit.engine.trainer import Trainer
 from distillkit.errors import ConfigError
 from distillkit.methods import Distiller, get_method
 from distillkit.models import (
@@ -161,18 +162,18 @@ def check_config(cfg: RunConfig, objects: RunObjects | None = None) -> Any:
     """Check what config.py cannot: model, dataset and method names, the method's options, and
     whether the method can use the teacher settings. Returns the typed options."""
     objects = objects or RunObjects()
-    problem = None if objects.student is not None else unreloadable_model(cfg.model)
-    if problem:
-        raise ConfigError(problem)
-    if objects.student is not None:
-        pass  # the caller's module: its recorded spec is checked when a run is resumed
-    elif not is_import_spec(cfg.model) and cfg.model not in list_models():
-        close = difflib.get_close_matches(cfg.model, list_models(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"config key 'model': unknown model {cfg.model!r}{hint}; see `distillkit models`, or "
-            "give path/to/file.py:Name or package.module:Name"
-        )
+    # a student module the caller gave is checked by its recorded spec when the run is resumed
+    if objects.student is None:
+        problem = unreloadable_model(cfg.model)
+        if problem:
+            raise ConfigError(problem)
+        if not is_import_spec(cfg.model) and cfg.model not in list_models():
+            close = difflib.get_close_matches(cfg.model, list_models(), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"config key 'model': unknown model {cfg.model!r}{hint}; see `distillkit models`, "
+                "or give path/to/file.py:Name or package.module:Name"
+            )
     if cfg.dataset == IN_MEMORY and objects.bundle is None:
         raise ConfigError(
             "this run's data were given as Python objects (dataset 'in-memory'), which the run "
@@ -204,12 +205,10 @@ def canonical_config(cfg: RunConfig, base: str | Path | None = None) -> RunConfi
     where = Path(base) if base is not None else Path.cwd()
     cfg = with_absolute_paths(cfg, where)
     teacher_model = cfg.teacher_model
-    if teacher_model is not None:
-        teacher_model = canonical_model_spec(teacher_model, where)
     return dataclasses.replace(
         cfg,
         model=canonical_model_spec(cfg.model, where),
-        teacher_model=teacher_model,
+        teacher_model=None if teacher_model is None else canonical_model_spec(teacher_model, where),
         dataset=canonical_dataset_spec(cfg.dataset, where),
     )
 
@@ -274,10 +273,10 @@ def build_student(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
             **cfg.model_kwargs,
         )
     except (TypeError, ValueError) as exc:
+        # the model's own one-line reason (file missing, argument not taken, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if is_import_spec(cfg.model):
-            # the model's own one-line reason (file missing, argument not taken, ...)
             key = "model_kwargs" if cfg.model_kwargs else "model"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"config key '{key}': {first}") from None
         if not cfg.model_kwargs:
             raise
@@ -287,7 +286,6 @@ def build_student(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
                 f"config key 'model_kwargs.{unknown.group(1)}': model '{cfg.model}' has no "
                 f"argument '{unknown.group(1)}'"
             ) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"config key 'model_kwargs': model '{cfg.model}' rejected {cfg.model_kwargs}: {first}"
         ) from None
@@ -297,9 +295,7 @@ def build_distiller(
     cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, bundle: DataBundle
 ) -> Distiller:
     """The method object named by cfg.method, built by its registered builder."""
-    spec = get_method(cfg.method)
-    options = resolve_options(cfg)
-    return spec.build(cfg, options, student, teacher, bundle)
+    return get_method(cfg.method).build(cfg, resolve_options(cfg), student, teacher, bundle)
 
 
 def choose_subset(
@@ -315,12 +311,11 @@ def choose_subset(
     if sub.method == "kt" and sub.features == "teacher":
         assert teacher is not None
         feats = []
-        model = teacher.model
         for start in range(0, len(bundle.train), 512):
             x = bundle.train.images[start : start + 512].to(device)
             x = normalize(to_float(x), bundle.mean, bundle.std)
             with torch.no_grad():
-                feats.append(penultimate_features(model, x).float().cpu())
+                feats.append(penultimate_features(teacher.model, x).float().cpu())
         features = torch.cat(feats).numpy().astype(np.float64)
     else:
         features = (
@@ -338,8 +333,7 @@ def prepare(
     """Build everything for a run; with resume_state, reuse its subset instead of re-selecting."""
     objects = objects or RunObjects()
     check_config(cfg, objects)
-    probe_ctx_rank = DistContext()
-    device = resolve_device(cfg.device, probe_ctx_rank.local_rank)
+    device = resolve_device(cfg.device)  # device=auto under torchrun: this rank's GPU, below
     ctx = init_distributed(device)
     if ctx.enabled and cfg.device == "auto" and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
@@ -387,14 +381,6 @@ def prepare(
         "classes": list(bundle.classes),
     }
     return Prepared(cfg, bundle, distiller, device, ctx, run_dir, indices, meta)
-
-
-def _write_run_files(p: Prepared, history: list[str] | None) -> None:
-    p.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(p.cfg, p.run_dir / "config.yaml", history)
-    if p.train_indices is not None:
-        np.save(p.run_dir / "subset_indices.npy", np.asarray(p.train_indices, dtype=np.int64))
-    record_split(p)
 
 
 def record_split(p: Prepared) -> None:
@@ -487,7 +473,11 @@ def run(
 def run_prepared(p: Prepared, history: list[str] | None = None) -> dict[str, Any]:
     """Write the files of a `prepare`d run (subset as the caller left it) and train it."""
     if p.ctx.is_main:
-        _write_run_files(p, history)
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(p.cfg, p.run_dir / "config.yaml", history)
+        if p.train_indices is not None:
+            np.save(p.run_dir / "subset_indices.npy", np.asarray(p.train_indices, dtype=np.int64))
+        record_split(p)
     barrier(p.ctx)
     return _execute_interruptible(p, None)
 
@@ -512,19 +502,16 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     history = read_config_history(run_dir / "config.yaml")
     history.append(f"resume {run_dir} at epoch {trained}: {given}")
     p = prepare(cfg, resume_state=state)
-    _continue_budget(p, cfg, int(state.get("teacher_queries", 0) or 0))
+    # a black-box teacher's teacher_budget counts what the run already asked before resuming
+    teacher = p.distiller.teacher
+    teacher = teacher.teacher if isinstance(teacher, CachedTeacher) else teacher
+    if cfg.teacher_budget is not None and isinstance(teacher, OpaqueBlackBoxTeacher):
+        spent = int(state.get("teacher_queries", 0) or 0)
+        teacher.budget = max(cfg.teacher_budget - spent, 0)
     if p.ctx.is_main:
         record_split(p)
         save_config(cfg, run_dir / "config.yaml", history)
     return _execute_interruptible(p, state)
-
-
-def _continue_budget(p: Prepared, cfg: RunConfig, spent: int) -> None:
-    """A black-box teacher's teacher_budget counts what the run already asked before resuming."""
-    teacher = p.distiller.teacher
-    teacher = teacher.teacher if isinstance(teacher, CachedTeacher) else teacher
-    if cfg.teacher_budget is not None and isinstance(teacher, OpaqueBlackBoxTeacher):
-        teacher.budget = max(cfg.teacher_budget - spent, 0)
 
 
 def _rebuild(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -543,8 +530,6 @@ def evaluate_checkpoint(
     path: str | Path, data_dir: str | None = None, device: str = "auto", dataset: str | None = None
 ) -> dict[str, Any]:
     """Accuracy and loss of a saved model on its dataset's test split (or on `dataset`'s)."""
-    from distillkit.engine.trainer import evaluate
-
     model, state = _rebuild(path)
     meta = state["model_meta"]
     config = state.get("config") or {}

@@ -34,6 +34,7 @@ __all__ = [
     "save_checkpoint",
     "save_run_checkpoints",
     "sigint_deferred",
+    "write_atomically",
 ]
 
 # Test hook: kill the process right after the checkpoint of this epoch is written, to check resume.
@@ -62,14 +63,13 @@ def sigint_deferred() -> Iterator[None]:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` atomically: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **state}
     with sigint_deferred():
-        _write_atomically(payload, path)
+        write_atomically({"format": FORMAT, "version": VERSION, **state}, Path(path))
 
 
-def _write_atomically(payload: dict[str, Any], path: Path) -> None:
+def write_atomically(payload: Any, path: Path) -> None:
+    """torch.save `payload` to `path` through a temporary file, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -6,8 +6,6 @@ The k-NN and linear-probe evaluators live with the self-supervised methods that 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,24 +47,20 @@ def evaluate(
     device: torch.device,
     batch_size: int = 512,
     ctx: DistContext | None = None,
-    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of `model` on `split`, sharded and summed over ranks."""
+    """Accuracy and mean cross-entropy of `model` on `split`, sharded and summed over ranks.
+
+    No autocast: a run records the accuracy that export, evaluate and profile give."""
     ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
-    n = len(split)
-    order = torch.arange(ctx.rank, n, ctx.world_size)
+    order = torch.arange(ctx.rank, len(split), ctx.world_size)
     correct = loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         x = normalize(to_float(split.images[idx].to(device)), bundle.mean, bundle.std)
         y = split.labels[idx].to(device)
-        ctx_amp = (
-            torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        )
-        with ctx_amp:
-            logits = model(x)
+        logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     correct, loss_sum, count = all_reduce_sum([correct, loss_sum, float(len(order))], ctx, device)

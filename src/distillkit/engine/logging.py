@@ -10,9 +10,7 @@ from typing import Any
 
 
 def _clean(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class MetricsLogger:
@@ -39,8 +37,7 @@ class MetricsLogger:
         self.history = [dict(h) for h in history]
         if self.enabled:
             with open(self.run_dir / "metrics.jsonl", "w") as fh:
-                for row in self.history:
-                    fh.write(json.dumps(row) + "\n")
+                fh.writelines(json.dumps(row) + "\n" for row in self.history)
 
     def log(self, row: dict[str, Any]) -> None:
         """Record one epoch's metrics."""

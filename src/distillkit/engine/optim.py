@@ -16,22 +16,12 @@ from distillkit.config import RunConfig
 from distillkit.methods.optim import build_optimizer as build_plain_optimizer
 from distillkit.methods.optim import lr_factor
 
-__all__ = ["build_optimizer", "kernel_choice", "lr_factor", "with_fast_kernels"]
+__all__ = ["build_optimizer", "lr_factor", "with_fast_kernels"]
 
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov) or AdamW, no decay on biases and norms, fast kernels."""
     return with_fast_kernels(build_plain_optimizer(cfg, params))
-
-
-def kernel_choice(params: list[nn.Parameter]) -> dict[str, bool]:
-    """fused=True where every parameter is a dense float tensor on one CPU or CUDA device,
-    else foreach=True."""
-    devices = {p.device.type for p in params}
-    dense = all(p.is_floating_point() and p.layout == torch.strided for p in params)
-    if dense and len(devices) == 1 and devices <= {"cpu", "cuda"}:
-        return {"fused": True}
-    return {"foreach": True}
 
 
 def with_fast_kernels(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -46,9 +36,10 @@ def with_fast_kernels(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     if opt.state or chosen or "foreach" not in accepted:
         return opt
     params = [p for g in opt.param_groups for p in g["params"]]
-    fast = kernel_choice(params)
-    if "fused" in fast and "fused" not in accepted:
-        fast = {"foreach": True}
+    devices = {p.device.type for p in params}
+    dense = all(p.is_floating_point() and p.layout == torch.strided for p in params)
+    fused = "fused" in accepted and dense and len(devices) == 1 and devices <= {"cpu", "cuda"}
+    fast = {"fused": True} if fused else {"foreach": True}
     groups = [
         {k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups
     ]

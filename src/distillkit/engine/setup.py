@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -76,10 +77,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def convolutional(module: nn.Module) -> bool:
     """True when most of a module's parameters are 4-D convolution kernels."""
-    total = conv = 0
-    for p in module.parameters():
-        total += p.numel()
-        conv += p.numel() if p.dim() == 4 else 0
+    total = sum(p.numel() for p in module.parameters())
+    conv = sum(p.numel() for p in module.parameters() if p.dim() == 4)
     return total > 0 and 2 * conv > total
 
 
@@ -123,9 +122,7 @@ def use_channels_last(
         return setting
     if not convolutional(module):
         return False
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and amp != "none"
+    return device.type == "cpu" or (device.type == "cuda" and amp != "none")
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -159,13 +156,8 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     except Exception:  # noqa: BLE001 - a model torch.fx cannot copy or trace runs as it is
         return 0
     modules = dict(model.named_modules())
-    occurrences: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        occurrences[id(m)] = occurrences.get(id(m), 0) + 1
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     folded = 0
     for node in graph.nodes:
         bn = modules.get(node.target) if node.op == "call_module" else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 import warnings
@@ -42,32 +43,14 @@ from distillkit.engine.setup import (
     resolve_amp,
     resolve_device,
     rng_state,
-    seed_everything,
     set_rng_state,
     use_channels_last,
 )
 from distillkit.methods.base import Distiller, OptimizerConfig, SetupContext
 from distillkit.teachers.local import LocalTeacher
 
-__all__ = [
-    "Trainer",
-    "build_optimizer",
-    "evaluate",
-    "lr_factor",
-    "resolve_device",
-    "rng_state",
-    "seed_everything",
-    "set_rng_state",
-    "stats_rate",
-]
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+# re-exported: scripts and tests import these from the trainer
+__all__ = ["Trainer", "build_optimizer", "evaluate", "lr_factor", "resolve_device"]
 
 
 class _EngineHooks:
@@ -153,14 +136,12 @@ class Trainer:
         self.distiller.to(device)  # setup may have built modules (generators, heads)
         # before the optimizers exist: compile and memory formats act on the final modules
         self.amp = resolve_amp(cfg.amp, device)  # before _fast_path: memory formats follow it
-        self.channels_last = self._fast_path()
+        self._fast_path()
         self.opts = self._configure_optimizers(steps)
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(o.optimizer, o.lr_lambda or (lambda step: 1.0))
             for o in self.opts
         ]
-        # the first optimizer's learning rate is the one logged as `lr`
-        self.optimizer = self.opts[0].optimizer
         self.amp_dtype = AMP_DTYPES[self.amp]
         if self.amp_dtype is not None and device.type not in ("cuda", "cpu"):
             raise ValueError(f"amp={self.amp} is supported on cuda and cpu, not {device.type}")
@@ -191,8 +172,8 @@ class Trainer:
         self.wall_offset = 0.0
         self._queries_offset = 0
 
-    def _fast_path(self) -> bool:
-        """Fold frozen teachers' BN, pick memory formats, compile; True if the student is NHWC.
+    def _fast_path(self) -> None:
+        """Fold frozen teachers' BN, pick memory formats and compile.
 
         Every choice keeps the step's function: channels_last and BN folding change only the
         order of float operations (tests/test_speed_paths.py holds the loss trajectory to the
@@ -225,7 +206,6 @@ class Trainer:
         if cfg.compile:
             for model in ([student] if student is not None else []) + frozen:
                 model.compile()
-        return student_cl
 
     def _configure_optimizers(self, steps: int) -> list[OptimizerConfig]:
         opts = self.distiller.configure_optimizers()
@@ -249,11 +229,6 @@ class Trainer:
         return list(opts)
 
     # -- state ---------------------------------------------------------------------------------
-    @property
-    def best_acc(self) -> float:
-        """The best score so far (test accuracy unless the method evaluates itself)."""
-        return self.best_score
-
     def state(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly."""
         return {
@@ -311,9 +286,7 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def _teacher_queries(self) -> int:
-        teacher = self.distiller.teacher
-        local = int(getattr(teacher, "queries", 0)) if teacher is not None else 0
-        return self._queries_offset + local
+        return self._queries_offset + int(getattr(self.distiller.teacher, "queries", 0))
 
     # -- one optimizer step ------------------------------------------------------------------------
     def step_optimizer(self, opt: OptimizerConfig) -> None:
@@ -347,24 +320,20 @@ class Trainer:
                 p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
-    def _broadcast_buffers(self) -> None:
-        # manual mode has no DDP wrapper to keep BatchNorm statistics equal across ranks
-        for buf in self.distiller.buffers():
-            dist.broadcast(buf, 0)
-
     # -- loop ------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         """One pass over this rank's shard; returns loss terms and accuracy summed over ranks."""
         self.distiller.train()
         self.loader.set_epoch(self.epoch)
         self.distiller.on_epoch_start(self.epoch)
-        show = self.ctx.is_main and not self.cfg.quiet and sys.stderr.isatty()
-        bar = _progress(len(self.loader), f"epoch {self.epoch + 1}/{self.cfg.epochs}", show)
-        amp = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype
-            else contextlib.nullcontext()
-        )
+        bar = None
+        if self.ctx.is_main and not self.cfg.quiet and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            desc = f"epoch {self.epoch + 1}/{self.cfg.epochs}"
+            bar = tqdm(total=len(self.loader), desc=desc, leave=False, dynamic_ncols=True)
+        dtype = self.amp_dtype
+        amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         count = scored = 0
@@ -375,15 +344,15 @@ class Trainer:
             # when the last batch splits unevenly; padding rows get weight 0. 1.0 on full batches.
             b = y.shape[0] if shard is None else shard.real
             self.loss_weight = 1.0 if shard is None else b * self.ctx.world_size / shard.total
-            if self.manual:
-                with amp, use_shard(shard):
-                    logits, losses = self.distiller.training_step((x, y, idx))
-                loss = sum(v.detach() for v in losses.values()) if losses else None
-            else:
+            if not self.manual:
                 for o in self.opts:
                     o.optimizer.zero_grad(set_to_none=True)
-                with amp, use_shard(shard):
-                    logits, losses = self.model((x, y, idx))
+            # the distiller's forward is its training_step (through DDP unless manual)
+            with amp, use_shard(shard):
+                logits, losses = self.model((x, y, idx))
+            if self.manual:
+                loss = sum(v.detach() for v in losses.values()) if losses else None
+            else:
                 if not losses:
                     raise ValueError("training_step returned no losses")
                 loss = sum(losses.values())
@@ -408,17 +377,19 @@ class Trainer:
                 correct += (logits[:b].argmax(1) == y[:b]).sum()
                 scored += b
             count += b
+            # reading the loss waits for the device: every 50 steps only
             if step % 50 == 0 and loss is not None:
                 self._check_finite(loss, losses)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if bar is not None:
                 bar.update(1)
-                # reading the loss waits for the device: every 50 steps, with the finite check
-                if loss is not None and step % 50 == 0:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if bar is not None:
             bar.close()
         if self.manual and self.ctx.enabled:
-            self._broadcast_buffers()
+            # manual mode has no DDP wrapper to keep BatchNorm statistics equal across ranks
+            for buf in self.distiller.buffers():
+                dist.broadcast(buf, 0)
         if sums:
             self._check_finite(sum(sums.values()), sums)
         names = sorted(sums)
@@ -437,10 +408,7 @@ class Trainer:
         if not self.ctx.enabled:
             return None
         shard = self.loader.shard(step)
-
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            return all_gather_rows(t, shard.counts, self.ctx)
-
+        gather = functools.partial(all_gather_rows, counts=shard.counts, ctx=self.ctx)
         return dataclasses.replace(shard, gather=gather)
 
     def _check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
@@ -465,7 +433,6 @@ class Trainer:
             self.device,
             self.cfg.eval_batch_size,
             self.ctx,
-            None,  # float32: the accuracy recorded is the one export, evaluate and profile give
         )
         return {"test_acc": test["acc"], "test_loss": test["loss"], "score": test["acc"]}
 
@@ -475,22 +442,20 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             t0 = time.perf_counter()
             stats = self.train_epoch()
-            train_seconds = time.perf_counter() - t0
-            self.train_time += train_seconds
+            self.train_time += time.perf_counter() - t0
             self.images_seen += int(stats.pop("train_images"))
             stats.update(self.distiller.on_epoch_end(self.epoch))
             self.epoch += 1
             final = self.epoch == self.cfg.epochs
-            every = max(1, self.cfg.eval_every)
             improved = False
             row: dict[str, Any] = {"epoch": self.epoch, **stats}
-            if final or self.epoch % every == 0:
+            if final or self.epoch % max(1, self.cfg.eval_every) == 0:
                 self.last_eval = self.evaluate()
                 row.update({k: v for k, v in self.last_eval.items() if k != "score"})
                 if self.last_eval["score"] > self.best_score:
                     self.best_score, self.best_epoch = self.last_eval["score"], self.epoch
                     improved = True
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["lr"] = self.opts[0].optimizer.param_groups[0]["lr"]  # the first optimizer's
             row["epoch_time"] = time.perf_counter() - t0
             row["images_per_sec"] = stats_rate(self.images_seen, self.train_time)
             row["teacher_queries"] = self._queries_total()
