@@ -23,8 +23,7 @@ from .transforms import BatchShard
 class MultiCrop:
     """2 global + N local random-resized crops of a batch, with DINO's photometric augmentations.
 
-    Works on float images in [0, 1] (B, C, H, W) on any device; every random number is drawn from
-    the CPU generator passed in, so a (seed, epoch, rank)-derived generator makes views exact.
+    Works on float images in [0, 1] (B, C, H, W) on any device; randomness: see the module.
     """
 
     global_size: int
@@ -45,7 +44,9 @@ class MultiCrop:
 
         With `shard`, x holds the rows `shard.positions` of a global batch of `shard.total`.
         """
-        rows = _Rows.of(x, shard)
+        if shard is not None and len(shard.positions) != len(x):
+            raise ValueError(f"the shard has {len(shard.positions)} rows, the images {x.shape[0]}")
+        rows = _Rows(len(x)) if shard is None else _Rows(shard.total, shard.positions)
         # DINO's per-view probabilities: blur always on view 1, rarely on view 2 (which may be
         # solarised instead), half the time on local views
         plan = [
@@ -72,14 +73,6 @@ class _Rows:
     total: int
     pick: torch.Tensor | None = None  # None: all of them, in order
 
-    @classmethod
-    def of(cls, x: torch.Tensor, shard: BatchShard | None) -> _Rows:
-        if shard is None:
-            return cls(int(x.shape[0]))
-        if len(shard.positions) != x.shape[0]:
-            raise ValueError(f"the shard has {len(shard.positions)} rows, the images {x.shape[0]}")
-        return cls(shard.total, shard.positions)
-
     def rand(self, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """U[0, 1) per row of x, drawn for the whole batch."""
         r = torch.rand(self.total, generator=gen, dtype=dtype)
@@ -88,10 +81,6 @@ class _Rows:
     def uniform(self, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
         """U[low, high) in float64 per row of x, drawn for the whole batch."""
         return low + (high - low) * self.rand(gen, torch.float64)
-
-
-def _rows(x: torch.Tensor, rows: _Rows | None) -> _Rows:
-    return rows if rows is not None else _Rows(int(x.shape[0]))
 
 
 def random_resized_crop(
@@ -105,10 +94,9 @@ def random_resized_crop(
 ) -> torch.Tensor:
     """Per-sample random crop of area fraction in `scale`, aspect in `ratio`, resized to `size`."""
     b = x.shape[0]
-    rows = _rows(x, rows)
+    rows = rows or _Rows(len(x))
     area = rows.uniform(scale[0], scale[1], gen)
-    log_r = rows.uniform(math.log(ratio[0]), math.log(ratio[1]), gen)
-    r = torch.exp(log_r)
+    r = torch.exp(rows.uniform(math.log(ratio[0]), math.log(ratio[1]), gen))
     # crop side lengths as fractions of the image side; clamped crops just keep a valid window
     w = torch.sqrt(area * r).clamp(max=1.0)
     h = torch.sqrt(area / r).clamp(max=1.0)
@@ -138,7 +126,7 @@ def color_jitter(
     b, c = x.shape[:2]
     if strength <= 0:
         return x
-    rows = _rows(x, rows)
+    rows = rows or _Rows(len(x))
     apply = (rows.rand(gen) < p).to(x.dtype)
     bright = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
     contrast = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
@@ -170,14 +158,13 @@ def gaussian_blur(
 ) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample sigma, applied with probability `p`."""
     b, c, h, w = x.shape
-    rows = _rows(x, rows)
+    rows = rows or _Rows(len(x))
     coin = (rows.rand(gen) < p).to(x.dtype)
     s = rows.uniform(sigma[0], sigma[1], gen).to(x.dtype)
     offs = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-(offs[None] ** 2) / (2 * s[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)
-    identity = torch.zeros_like(k)
-    identity[:, radius] = 1.0
+    identity = (offs == 0).to(x.dtype)  # the kernel of the samples left unblurred
     k = coin[:, None] * k + (1 - coin[:, None]) * identity
     k = k.to(x.device).repeat_interleave(c, 0)  # (B*C, K): one kernel per sample and channel
     y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="replicate")
@@ -194,5 +181,5 @@ def solarize(
     rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Invert pixels above `threshold`, per sample with probability `p`."""
-    coin = (_rows(x, rows).rand(gen) < p).to(x.device).view(-1, 1, 1, 1)
+    coin = ((rows or _Rows(len(x))).rand(gen) < p).to(x.device).view(-1, 1, 1, 1)
     return torch.where(coin & (x >= threshold), 1.0 - x, x)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,34 +49,12 @@ from distillkit.methods.ssl_schedules import (
 )
 from distillkit.models import build_model
 
-__all__ = [
-    "DINO",
-    "DINOOptions",
-    "ModelOptions",
-    "build_members",
-    "check_run_config",
-    "dino_loss",
-    "ema_update",
-    "soft_cross_entropy",
-    "updated_center",
-]
-
 _VIEW_STREAM = 7  # randomness stream of the views, distinct from the loader's streams
 
 # Run-level optimisation keys a self-supervised run does not read: each model has its own
-# optimiser under options.a / options.b (value: where the setting went, or None if it has none)
-_RUN_KEYS_UNUSED = {
-    "optimizer": "optimizer",
-    "lr": "lr",
-    "momentum": "momentum",
-    "weight_decay": "weight_decay",
-    "warmup_epochs": "warmup_epochs",
-    "grad_clip": "grad_clip",
-    "schedule": None,
-    "milestones": None,
-    "gamma": None,
-    "nesterov": None,
-}
+# optimiser under options.a / options.b, with a key of the same name, and no lr schedule keys
+_RUN_KEYS_PER_MODEL = ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "grad_clip")
+_RUN_KEYS_SCHEDULE = ("schedule", "milestones", "gamma", "nesterov")
 
 
 # --------------------------------------------------------------------------- loss, centering, EMA
@@ -93,20 +71,15 @@ def dino_loss(
 
     Teacher view t is the same crop as student view t (global views come first in both lists).
     """
-    total = student_out[0].new_zeros(())
-    n_terms = 0
-    for t, tout in enumerate(teacher_out):
-        q = F.softmax((tout.detach() - center) / teacher_temp, dim=-1)
-        for v, sout in enumerate(student_out):
-            if v == t:
-                continue
-            total = (
-                total + torch.sum(-q * F.log_softmax(sout / student_temp, dim=-1), dim=-1).mean()
-            )
-            n_terms += 1
-    if n_terms == 0:
+    terms = [
+        soft_cross_entropy(sout, tout - center, student_temp, teacher_temp)
+        for t, tout in enumerate(teacher_out)
+        for v, sout in enumerate(student_out)
+        if v != t
+    ]
+    if not terms:
         raise ValueError("the DINO loss needs at least two views")
-    return total / n_terms
+    return sum(terms) / len(terms)
 
 
 def soft_cross_entropy(
@@ -130,18 +103,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         pt.mul_(momentum).add_(ps.detach(), alpha=1.0 - momentum)
 
 
-Reducer = Callable[[torch.Tensor], torch.Tensor]
 Rows = tuple[int, int]  # (this process's real rows, rows of the global batch)
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def build_ssl_optimizer(
@@ -183,10 +145,7 @@ class DINO(Distiller):
         self.options = options or DINOOptions()
         self.use_thead = self.options.thead if use_thead is None else use_thead
         self.student_temp = self.options.student_temp
-        self.center_momentum = self.options.center_momentum
-        # sums a tensor over processes: torch.distributed under torchrun (see setup)
-        self.reduce: Reducer = _identity
-        self.world_size = 1
+        self.world_size = 1  # > 1: centers sum their batch means over processes (torchrun)
         # what evaluate/export use: a's network as built by the run, classifier intact; kept out
         # of the module tree (its weights are a's teacher's, filled in by deployable)
         self._deploy = [deploy]
@@ -194,8 +153,7 @@ class DINO(Distiller):
         # the linear probe of the latest evaluation on a's teacher features: deployable's classifier
         self.register_buffer("probe_weight", torch.zeros(num_classes, embed))
         self.register_buffer("probe_bias", torch.zeros(num_classes))
-        self._epoch = 0
-        self._epoch_step = 0
+        self._epoch = self._epoch_step = 0
         self._teacher_temp = self.options.warmup_teacher_temp
         self._gen: torch.Generator | None = None
         self._last: dict[str, float] = {}
@@ -204,10 +162,6 @@ class DINO(Distiller):
     def members(self) -> nn.ModuleDict:
         """The models of the run by name ("a", and "b" for MOKD)."""
         return self.student
-
-    def names(self) -> list[str]:
-        """Member names in a fixed order."""
-        return list(self.members.keys())
 
     def recipe(self, name: str) -> ModelOptions:
         """The optimisation recipe of member `name`."""
@@ -234,7 +188,6 @@ class DINO(Distiller):
         self._mean = torch.tensor(bundle.mean, device=ctx.device).view(1, -1, 1, 1)
         self._std = torch.tensor(bundle.std, device=ctx.device).view(1, -1, 1, 1)
         self.world_size = ctx.world_size
-        self.reduce = _all_reduce_sum if ctx.world_size > 1 else _identity
 
     @property
     def total_steps(self) -> int:
@@ -327,21 +280,19 @@ class DINO(Distiller):
         return {**dict(sorted(self._last.items())), "teacher_temp": self._teacher_temp}
 
     # -- losses --------------------------------------------------------------------------------
-    def _batch_mean(self, outs: Sequence[torch.Tensor], rows: Rows | None) -> torch.Tensor:
-        real, total = rows if rows is not None else (outs[0].shape[0],) * 2
-        if rows is None:
-            total *= self.world_size
-        # a process holding only a padding row (uneven last batch) adds nothing
-        cat = torch.cat([o[:real].detach().float() for o in outs])
-        return self.reduce(cat.sum(0, keepdim=True)) / (total * len(outs))
-
     def _set_center(
         self, member: SSLMember, name: str, outs: Sequence[torch.Tensor], rows: Rows | None
     ) -> None:
-        batch_mean = self._batch_mean(outs, rows)
-        setattr(
-            member, name, updated_center(getattr(member, name), batch_mean, self.center_momentum)
-        )
+        """Move center `name` of `member` towards the global batch mean of `outs`."""
+        n = outs[0].shape[0]
+        real, total = rows if rows is not None else (n, n * self.world_size)
+        # a process holding only a padding row (uneven last batch) adds nothing
+        batch_sum = torch.cat([o[:real].detach().float() for o in outs]).sum(0, keepdim=True)
+        if self.world_size > 1:
+            dist.all_reduce(batch_sum, op=dist.ReduceOp.SUM)
+        batch_mean = batch_sum / (total * len(outs))
+        center = updated_center(getattr(member, name), batch_mean, self.options.center_momentum)
+        setattr(member, name, center)
 
     def forward_all(self, views: Sequence[torch.Tensor]) -> dict[str, tuple[dict, dict]]:
         """(student outputs on all views, teacher outputs on the 2 global views) per member."""
@@ -411,7 +362,7 @@ class DINO(Distiller):
             if name == "a":
                 self.probe_weight.copy_(weight.to(self.probe_weight))
                 self.probe_bias.copy_(bias.to(self.probe_bias))
-        score = sum(out[f"knn_acc_{n}"] for n in self.names()) / len(self.members)
+        score = sum(out[f"knn_acc_{n}"] for n in self.members) / len(self.members)
         out.update({"knn_acc_mean": score, "test_acc": out["linear_acc_a"], "score": score})
         return out
 
@@ -440,14 +391,13 @@ def check_run_config(cfg: Any) -> None:
     if getattr(cfg, "teacher", None):
         raise ValueError(f"method '{cfg.method}' learns without a teacher: remove `teacher`")
     for f in dataclasses.fields(cfg):
-        if f.name not in _RUN_KEYS_UNUSED:
+        if f.name not in _RUN_KEYS_PER_MODEL + _RUN_KEYS_SCHEDULE:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if getattr(cfg, f.name) != default:
-            place = _RUN_KEYS_UNUSED[f.name]
             where = (
-                f"set it per model as options.a.{place} (and options.b.{place})"
-                if place
+                f"set it per model as options.a.{f.name} (and options.b.{f.name})"
+                if f.name in _RUN_KEYS_PER_MODEL
                 else "its lr is a warm-up then cosine to options.a.min_lr"
             )
             raise ValueError(

@@ -56,27 +56,26 @@ class MOKD(DINO):
                 raise ValueError(f"MOKD member {name!r} needs a T-head")
         super().__init__(members, options, use_thead=True, deploy=deploy, num_classes=num_classes)
 
+    @torch.no_grad()
     def search_targets(
         self, queries: Sequence[torch.Tensor], other: SSLMember, other_t: dict
     ) -> list[torch.Tensor]:
         """One search target per local-crop query, from the other teacher's global view 1."""
         tokens, grid = other_t["tokens"][0], other_t["grids"][0]
-        thead = other.teacher.thead
-        with torch.no_grad():
-            # all local crops in one pass: the teacher tokens repeat once per query
-            q = torch.cat([x.detach() for x in queries])
-            rep = tokens.repeat(len(queries), 1, 1)
-            return list(thead.search(q, rep, grid).chunk(len(queries)))
+        # all local crops in one pass: the teacher tokens repeat once per query
+        q = torch.cat([x.detach() for x in queries])
+        rep = tokens.repeat(len(queries), 1, 1)
+        return list(other.teacher.thead.search(q, rep, grid).chunk(len(queries)))
 
     def compute_losses(
         self, views: Sequence[torch.Tensor], teacher_temp: float, rows: Rows | None = None
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Self terms plus lambda-weighted cross terms for both models."""
         outputs = self.forward_all(views)
-        names = self.names()
+        names = list(self.members)
+        pairs = list(zip(names, names[::-1]))  # (a, b), (b, a)
         losses: dict[str, dict[str, torch.Tensor]] = {}
-        for name in names:
-            other_name = names[1 - names.index(name)]
+        for name, other_name in pairs:
             m, other = self.members[name], self.members[other_name]
             s, t = outputs[name]
             other_t = outputs[other_name][1]
@@ -85,18 +84,16 @@ class MOKD(DINO):
                 s["head"], other_t["head"], m.center_cross, self.student_temp, teacher_temp
             )
             terms["cross"] = m.cross_weight * cross
-            local = list(range(2, len(views)))
-            if local:
-                targets = self.search_targets([s["pooled"][i] for i in local], other, other_t)
+            if len(views) > 2:  # local crops: views 2.. search the other teacher's tokens
+                targets = self.search_targets(s["pooled"][2:], other, other_t)
                 search = sum(
-                    soft_cross_entropy(s["thead"][i], tgt, self.student_temp, teacher_temp)
-                    for i, tgt in zip(local, targets)
-                ) / len(local)
+                    soft_cross_entropy(out, tgt, self.student_temp, teacher_temp)
+                    for out, tgt in zip(s["thead"][2:], targets)
+                ) / len(targets)
                 terms["search"] = m.cross_weight * search
             losses[name] = terms
         self.update_centers(outputs, rows)
-        for name in names:
-            other_name = names[1 - names.index(name)]
+        for name, other_name in pairs:
             other_head = outputs[other_name][1]["head"]
             self._set_center(self.members[name], "center_cross", other_head, rows)
         return losses

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.data.datasets import DataBundle, Split
+from distillkit.data.transforms import normalize
 
 
 @torch.no_grad()
@@ -27,12 +28,10 @@ def extract_features(
     """Embeddings (N, D) of uint8 images (N, C, H, W) with the backbone in eval mode."""
     was = backbone.training
     backbone.eval()
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     feats = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device).float().div_(255.0)
-        out = backbone((x - m) / s)
+        out = backbone(normalize(x, mean, std))
         emb = out[0] if isinstance(out, tuple) else out
         feats.append(emb.float().cpu())
     backbone.train(was)

@@ -10,6 +10,7 @@ its heads together; `SSLMember` holds one model's student, its EMA teacher and o
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -64,20 +65,15 @@ class DINOHead(nn.Module):
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"head_layers must be >= 1, got {nlayers}")
-        if nlayers == 1:
-            self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
-        else:
-
-            def block(d_in: int) -> list[nn.Module]:
-                # DINO's use_bn_in_head: Linear -> BatchNorm -> GELU in the hidden layers
-                bn: list[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
-                return [nn.Linear(d_in, hidden_dim), *bn, nn.GELU()]
-
-            layers: list[nn.Module] = block(in_dim)
-            for _ in range(nlayers - 2):
-                layers += block(hidden_dim)
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1)  # inputs of the nlayers linear layers
+        layers: list[nn.Module] = []
+        for d_in in dims[:-1]:
+            # DINO's use_bn_in_head: Linear -> BatchNorm -> GELU in the hidden layers
+            bn: list[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+            layers += [nn.Linear(d_in, hidden_dim), *bn, nn.GELU()]
+        layers.append(nn.Linear(dims[-1], bottleneck_dim))
+        # one layer: the bare Linear (state keys mlp.weight, mlp.bias)
+        self.mlp: nn.Module = nn.Sequential(*layers) if nlayers > 1 else layers[0]
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -129,8 +125,6 @@ class TransformerHead(nn.Module):
             *[TransformerBlock(width, heads, mlp_ratio) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(width)
-        # head_layers 0: the bare weight-normed linear output on the l2-normalised pooled token;
-        # >= 1: a DINO projection head (MLP [+ BN] -> l2-normalised bottleneck -> WN linear)
         self.head: nn.Module | None = None
         if head_layers == 0:
             self.last_layer = WeightNormLinear(width, out_dim, norm_last_layer)
@@ -208,8 +202,7 @@ class SSLBackbone(nn.Module):
         self.token_layer = token_layer
         self.has_cls = hasattr(model, "cls_token")
         self._captured: dict[str, torch.Tensor] = {}
-        module = model.get_submodule(token_layer)
-        module.register_forward_hook(self._hook)
+        model.get_submodule(token_layer).register_forward_hook(self._hook)
         in_ch = _first_conv_in_channels(model)
         was = model.training
         model.eval()
@@ -261,45 +254,27 @@ class SSLNetwork(nn.Module):
         self.head = head
         self.thead = thead
 
-    def forward(self, views: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        """Per-view outputs; views of one resolution go through the backbone together."""
-        out: dict[str, list[torch.Tensor]] = {
-            "emb": [],
-            "head": [],
-            "pooled": [],
-            "thead": [],
-            "tokens": [],
+    def forward(self, views: Sequence[torch.Tensor]) -> dict[str, list[Any]]:
+        """Per-view outputs; consecutive views of one size go through the backbone together."""
+        out: dict[str, list[Any]] = {
+            k: [] for k in ("emb", "head", "pooled", "thead", "tokens", "grids")
         }
-        out["grids"] = []  # type: ignore[assignment]
-        start = 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            x = torch.cat(list(views[start:end]))
-            emb, tokens, grid = self.backbone(x)
-            n = end - start
+        for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:]):
+            same_size = list(group)
+            n = len(same_size)
+            emb, tokens, grid = self.backbone(torch.cat(same_size))
             out["emb"] += list(emb.chunk(n))
             out["head"] += list(self.head(emb).chunk(n))
             out["tokens"] += list(tokens.chunk(n))
-            out["grids"] += [grid] * n  # type: ignore[list-item]
+            out["grids"] += [grid] * n
             if self.thead is not None:
                 pooled, projected = self.thead(tokens, grid)
                 out["pooled"] += list(pooled.chunk(n))
                 out["thead"] += list(projected.chunk(n))
-            start = end
         return out
 
 
 # --------------------------------------------------------------------------- student and EMA teacher
-
-
-def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen copy of `student`: same weights, no gradients ever."""
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 class SSLMember(nn.Module):
@@ -308,15 +283,15 @@ class SSLMember(nn.Module):
     def __init__(self, student: SSLNetwork, out_dim: int, cross_weight: float = 0.0) -> None:
         super().__init__()
         self.student = student
-        self.teacher = make_teacher(student)
+        self.teacher = copy.deepcopy(student).requires_grad_(False)  # EMA-updated, no gradients
         self.cross_weight = cross_weight
         for name in ("center_head", "center_thead", "center_cross"):
             self.register_buffer(name, torch.zeros(1, out_dim))
 
-    def teacher_forward(self, views: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    @torch.no_grad()
+    def teacher_forward(self, views: Sequence[torch.Tensor]) -> dict[str, list[Any]]:
         """Teacher outputs for the global views, without autograd."""
-        with torch.no_grad():
-            return self.teacher(views)
+        return self.teacher(views)
 
 
 def build_member(

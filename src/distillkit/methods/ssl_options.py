@@ -8,15 +8,25 @@ Heads, views, the DINO loss and the k-NN / linear-probe evaluation are shared by
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from distillkit.models import is_import_spec, list_models
 
+Rule = tuple[Callable[[Any], bool], str]  # (test of a value, what the value must be)
+_POSITIVE: Rule = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE: Rule = (lambda v: v >= 0, "must be >= 0")
+_FRACTION: Rule = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_OPTIONAL_POSITIVE: Rule = (lambda v: v is None or v > 0, "must be > 0 or null")
 
-def _check(cond: bool, key: str, msg: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"config key '{key}': {msg}, got {value!r}")
+
+def _check_rules(obj: Any, prefix: str, rules: list[tuple[str, Rule]]) -> None:
+    """Raise ValueError for the first attribute of `obj` (in `rules` order) that fails its rule."""
+    for attr, (ok, msg) in rules:
+        value = getattr(obj, attr)
+        if not ok(value):
+            raise ValueError(f"config key '{prefix}.{attr}': {msg}, got {value!r}")
 
 
 @dataclass
@@ -51,35 +61,18 @@ class ModelOptions:
     def validate(self, name: str) -> None:
         """Raise ValueError naming the first bad key of options.<name>."""
         key = f"options.{name}"
-        _check(
-            self.optimizer in ("sgd", "adamw"),
-            f"{key}.optimizer",
-            "choose from ('sgd', 'adamw')",
-            self.optimizer,
-        )
-        _check(self.lr > 0, f"{key}.lr", "must be > 0", self.lr)
-        _check(self.min_lr >= 0, f"{key}.min_lr", "must be >= 0", self.min_lr)
-        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0", self.weight_decay)
-        _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0", self.warmup_epochs)
-        _check(
-            0.0 <= self.ema_momentum <= 1.0,
-            f"{key}.ema_momentum",
-            "must be in [0, 1]",
-            self.ema_momentum,
-        )
-        _check(self.cross_weight >= 0, f"{key}.cross_weight", "must be >= 0", self.cross_weight)
-        _check(
-            self.grad_clip is None or self.grad_clip > 0,
-            f"{key}.grad_clip",
-            "must be > 0 or null",
-            self.grad_clip,
-        )
-        _check(
-            self.freeze_last_layer >= 0,
-            f"{key}.freeze_last_layer",
-            "must be >= 0",
-            self.freeze_last_layer,
-        )
+        rules: list[tuple[str, Rule]] = [
+            ("optimizer", (lambda v: v in ("sgd", "adamw"), "choose from ('sgd', 'adamw')")),
+            ("lr", _POSITIVE),
+            ("min_lr", _NON_NEGATIVE),
+            ("weight_decay", _NON_NEGATIVE),
+            ("warmup_epochs", _NON_NEGATIVE),
+            ("ema_momentum", _FRACTION),
+            ("cross_weight", _NON_NEGATIVE),
+            ("grad_clip", _OPTIONAL_POSITIVE),
+            ("freeze_last_layer", _NON_NEGATIVE),
+        ]
+        _check_rules(self, key, rules)
         if name == "a":
             if self.model is not None or self.model_kwargs:
                 raise ValueError(
@@ -140,10 +133,7 @@ class DINOOptions:
 
     def members(self) -> dict[str, ModelOptions]:
         """The recipes of the run's models by member name."""
-        out = {"a": self.a}
-        if self.b is not None:
-            out["b"] = self.b
-        return out
+        return {"a": self.a} if self.b is None else {"a": self.a, "b": self.b}
 
     def crop_sizes(self, image_size: int) -> tuple[int, int]:
         """(global, local) view sizes for images of side `image_size`."""
@@ -163,63 +153,28 @@ class DINOOptions:
     def _validate_common(self) -> None:
         for name, m in self.members().items():
             m.validate(name)
-        for key in (
-            "out_dim",
-            "head_hidden",
-            "head_bottleneck",
-            "head_layers",
-            "thead_width",
-            "thead_depth",
-            "thead_heads",
-            "knn_k",
-            "probe_steps",
-            "student_temp",
-            "teacher_temp",
-            "warmup_teacher_temp",
-            "knn_temperature",
-        ):
-            _check(getattr(self, key) > 0, f"options.{key}", "must be > 0", getattr(self, key))
-        _check(
-            self.thead_head_layers >= 0,
-            "options.thead_head_layers",
-            "must be >= 0",
-            self.thead_head_layers,
+        positive = ("out_dim", "head_hidden", "head_bottleneck", "head_layers", "thead_width")
+        positive += ("thead_depth", "thead_heads", "knn_k", "probe_steps", "student_temp")
+        positive += ("teacher_temp", "warmup_teacher_temp", "knn_temperature")
+        divisible = f"must be divisible by options.thead_heads={self.thead_heads}"
+        scale: Rule = (
+            lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+            "must be [low, high] with 0 < low <= high <= 1",
         )
-        _check(
-            self.thead_width % self.thead_heads == 0,
-            "options.thead_width",
-            f"must be divisible by options.thead_heads={self.thead_heads}",
-            self.thead_width,
-        )
-        _check(
-            0.0 <= self.center_momentum <= 1.0,
-            "options.center_momentum",
-            "must be in [0, 1]",
-            self.center_momentum,
-        )
-        _check(
-            self.local_crops_number >= 0,
-            "options.local_crops_number",
-            "must be >= 0",
-            self.local_crops_number,
-        )
-        _check(
-            self.warmup_teacher_temp_epochs >= 0,
-            "options.warmup_teacher_temp_epochs",
-            "must be >= 0",
-            self.warmup_teacher_temp_epochs,
-        )
-        for key in ("global_crops_scale", "local_crops_scale"):
-            v = getattr(self, key)
-            _check(
-                len(v) == 2 and 0 < v[0] <= v[1] <= 1,
-                f"options.{key}",
-                "must be [low, high] with 0 < low <= high <= 1",
-                v,
-            )
-        for key in ("global_size", "local_size", "eval_train_samples", "eval_test_samples"):
-            v = getattr(self, key)
-            _check(v is None or v > 0, f"options.{key}", "must be > 0 or null", v)
+        optional = ("global_size", "local_size", "eval_train_samples", "eval_test_samples")
+        # in order: thead_heads is known to be > 0 before thead_width is divided by it
+        rules: list[tuple[str, Rule]] = [
+            *((key, _POSITIVE) for key in positive),
+            ("thead_head_layers", _NON_NEGATIVE),
+            ("thead_width", (lambda v: v % self.thead_heads == 0, divisible)),
+            ("center_momentum", _FRACTION),
+            ("local_crops_number", _NON_NEGATIVE),
+            ("warmup_teacher_temp_epochs", _NON_NEGATIVE),
+            ("global_crops_scale", scale),
+            ("local_crops_scale", scale),
+            *((key, _OPTIONAL_POSITIVE) for key in optional),
+        ]
+        _check_rules(self, "options", rules)
 
 
 @dataclass
