@@ -176,12 +176,9 @@ class BudgetedDistiller(Distiller):
     def __init__(
         self, student: nn.Module, teacher: Any, options: BlackBoxOptions, num_classes: int
     ):
-        super().__init__(student, None)
-        if isinstance(teacher, nn.Module):
-            self.teacher = teacher  # a submodule: moved with the distiller, excluded from state
-        else:
-            # a RemoteTeacher is a plain object: kept outside the module tree
-            object.__setattr__(self, "teacher", teacher)
+        # a local teacher becomes a submodule (moved with the distiller, excluded from state); a
+        # RemoteTeacher is a plain object and stays a plain attribute, outside the module tree
+        super().__init__(student, teacher)
         self.options = options
         self.num_classes = num_classes
         self.spent = 0  # images sent to the teacher by this run, across resumes

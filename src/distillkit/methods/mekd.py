@@ -7,11 +7,11 @@ One method, two phases chosen by the epoch (`on_epoch_start`):
    latents, same edge batch; a small edge set gives a few dozen batches an epoch). Default 1 update
    and `gen_width` 16: with edge images first (align off, beta 5), 5 updates at width 128 did not
    beat it on the validation split (85.3 vs 85.8) at over ten times the cost (over an hour on one
-   CPU thread). D: spectral norm on every layer, minibatch-std feature, hinge loss
-   (`spectral_norm`, `minibatch_std`, `gan_loss`); real and fake images both pass the same kind of
-   random differentiable augmentation before D (`diff_augment`, DiffAugment: translation, cutout,
-   brightness/contrast), so D cannot memorise a few thousand real images; two time scales (Adam,
-   G `gan_lr` 1e-4, D `gan_d_lr` 8e-4, betas (0, 0.9)). The paper's IM term
+   CPU thread, ~3.5 min on a GPU). D: spectral norm on every layer, minibatch-std feature, hinge
+   loss (`spectral_norm`, `minibatch_std`, `gan_loss`); real and fake images both pass the same
+   kind of random differentiable augmentation before D (`diff_augment`, DiffAugment: translation,
+   cutout, brightness/contrast), so D cannot memorise a few thousand real images; two time scales
+   (Adam, G `gan_lr` 1e-4, D `gan_d_lr` 8e-4, betas (0, 0.9)). The paper's IM term
    ``-mean_i w_i log D(G(z_i))`` (w_i the teacher's top probability on G(z_i), 1 for hard answers;
    the public code's argmax-index weight is not copied) buys `gan_query_fraction` of the budget
    spread over the updates (`im_batch` per query); off by default (see the table).
@@ -34,16 +34,14 @@ One method, two phases chosen by the epoch (`on_epoch_start`):
    distils on generated images only (the paper), whatever `edge_first` says. Generated images
    are drawn class-balanced by the teacher's answer (`balance`). With neither budget nor
    `transfer_size`, fresh G(z) are asked at every step. Defaults per kind of answer
-   (`MEKDOptions.resolved`, chosen on the F-MNIST validation split below): soft answers distil on
+   (`MEKDOptions.resolved`, chosen on the F-MNIST validation split, README): soft answers distil on
    edge images only (`edge_share` 1: a generated image teaches less than it costs), G trained on
    `latents=answers` (in(t) of the teacher's answers on edge images plus N(0, I) noise, the range
    distillation feeds G; those edge images bought before deprivatization); hard answers take half
-   of each batch from generated images, N(0, I) latents. (`min_confidence`: see the table.)
+   of each batch from generated images, N(0, I) latents. (`min_confidence`: measured, it hurts.)
 
-Measured (seed 0; digits: resnet20 teacher 98.0%, cnn_small, 30 epochs with 10 GAN epochs of
-5 updates a batch, gen_width 64, budget 5000 > the 1347 edge images, test split; F-MNIST:
-benchmarks/mekd_fmnist.py, resnet8 teacher 88.9%, 10% skewed edge shard of 6000, cnn_small,
-60 epochs, validation split (5000 train images outside the shard), H200, 14 runs at once):
+Measured on digits (seed 0; resnet20 teacher 98.0%, cnn_small, 30 epochs with 10 GAN epochs of
+5 updates a batch, gen_width 64, budget 5000 > the 1347 edge images, test split):
 
 | variant (digits, generated images only unless said)              | test acc |
 |------------------------------------------------------------------|----------|
@@ -59,25 +57,9 @@ benchmarks/mekd_fmnist.py, resnet8 teacher 88.9%, 10% skewed edge shard of 6000,
 | final defaults, soft (constant lr) / hard (cosine; 94.7 constant) | 98.4 / 98.4 |
 | final defaults with edge_share 0 (paper), soft / hard (cosine)   | 89.3 / 86.7 |
 
-| F-MNIST, budget 5000, validation split                           | val acc |
-|------------------------------------------------------------------|---------|
-| blackbox_kd / blackbox_hard                                      | 88.1 / 85.8 |
-| generated only (paper): old GAN soft / new GAN soft / new hard  | 74.7 / 71.7 / 77.3 |
-| edge_first, edge_share 0.5: soft / soft align off / hard        | 85.7 / 85.3 / 86.9 |
-| edge_first, soft, align off, beta 5 / beta 25 (one CPU thread)    | 85.8 / 87.6 |
-(GPU rows above ran with beta 5 and 32 diagnostic images an epoch, the defaults then.)
-| F-MNIST, one CPU thread, small GAN, validation split, 3 seeds  | val acc, 5k / 20k |
-|------------------------------------------------------------------|----------|
-| blackbox_kd / blackbox_hard                                      | 87.5 / 87.9, 85.9 / 86.3 |
-| soft, N(0, I) latents, edge_share 0.5 (the default before)       | 87.3 / 87.1 |
-| soft, latents=answers / and edge_share 1: kept                   | 87.4 / 87.1, 87.6 (20k) |
-| soft, N(0, I), edge_share 1                                      | 87.4 (20k) |
-| hard, N(0, I), edge_share 0.5: kept                              | 86.8 / 87.3 |
-| hard, latents=answers / and edge_share 1                         | 86.8 / 86.7, 87.0 (20k) |
-| soft, min_confidence 0.7 / 0.9 (seed 0; keeps 4205 / 652 of 13840) | 86.8 / 86.4 (20k) |
-| soft, answers, latent_noise 0.3 (seed 0) / 2; 2 and edge_share 1 | 87.3 / 87.5 (5k), 87.5 (20k) |
-(All F-MNIST rows: benchmarks/results/mekd_fmnist.jsonl and README. The width-128 GAN with 5
-updates a batch takes ~3.5 min of a run on a GPU and over an hour on one CPU thread.)
+The Fashion-MNIST measurements the defaults were chosen on (benchmarks/mekd_fmnist.py, validation
+split) are README's "Black-box KD on Fashion-MNIST" tables; every run is a line of
+benchmarks/results/mekd_fmnist.jsonl.
 
 Optimisation is manual (`automatic_optimization = False`): three optimizers for the trainer,
 "student" (the run's optimizer/lr/schedule, the schedule counted from the first distillation
@@ -122,10 +104,10 @@ from distillkit.methods.mekd_gan import (
     diff_augment,
     distill_loss,
     g_loss,
+    generator_input,
     im_term,
     im_weights,
     parse_augment,
-    standardize_rows,
     teacher_vector,
 )
 from distillkit.methods.mekd_options import MEKDOptions, read_run_weights
@@ -167,8 +149,9 @@ class MEKD(BudgetedDistiller):
         self.options: MEKDOptions = options
         self.seed = seed
         self.mean, self.std = bundle.mean, bundle.std
-        nz = bundle.num_classes
-        self.generator = Generator(nz, bundle.in_channels, bundle.image_size, options.gen_width)
+        self.generator = Generator(
+            bundle.num_classes, bundle.in_channels, bundle.image_size, options.gen_width
+        )
         self.discriminator = Discriminator(
             bundle.in_channels,
             bundle.image_size,
@@ -254,19 +237,17 @@ class MEKD(BudgetedDistiller):
     def load_generator(self, run_dir: str) -> None:
         """Take G and D from an earlier mekd run's last checkpoint."""
         state = read_run_weights(run_dir)
-        for prefix, module in (
-            ("generator.", self.generator),
-            ("discriminator.", self.discriminator),
-        ):
+        for name in ("generator", "discriminator"):
+            prefix = f"{name}."
             part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if not part:
-                raise ConfigError(f"{run_dir} holds no MEKD {prefix[:-1]}; is it an mekd run?")
+                raise ConfigError(f"{run_dir} holds no MEKD {name}; is it an mekd run?")
             try:
-                module.load_state_dict(part)
+                getattr(self, name).load_state_dict(part)
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise ConfigError(
-                    f"the {prefix[:-1]} in {run_dir} does not match this run "
+                    f"the {name} in {run_dir} does not match this run "
                     f"(gen_width, image size, classes): {first}"
                 ) from None
 
@@ -300,8 +281,7 @@ class MEKD(BudgetedDistiller):
             loss_d = d_loss(d_real, d_fake, kind)
             self.manual_backward(loss_d)
             self.optimizer_step(opt_d)
-            with torch.no_grad():
-                right = (d_real > 0).sum() + (d_fake < 0).sum()
+            right = (d_real > 0).sum() + (d_fake < 0).sum()  # comparisons: no graph
             self._add(d_right=float(right), d_seen=2.0 * x.shape[0])
 
             d_fake = self.discriminator(diff_augment(fake, aug))
@@ -313,19 +293,14 @@ class MEKD(BudgetedDistiller):
                     out = self.query(fake[:k].detach())
                 self.gan_spent += k
                 weights = im_weights(out).to(x.device)
-                im = im_term(d_fake[:k], weights)
+                im = self.options.im_weight * im_term(d_fake[:k], weights)
                 self._add(im_top=float(weights.sum()), im_seen=float(k))
-            loss_g = adv + self.options.im_weight * im
-            self.manual_backward(loss_g)
+            self.manual_backward(adv + im)
             self.optimizer_step(opt_g)
             # the G loss also reached D's parameters: those gradients belong to no step
             opt_d.optimizer.zero_grad(set_to_none=True)
         self.gan_step += 1
-        return {
-            "gan_d": loss_d.detach(),
-            "gan_g": adv.detach(),
-            "gan_im": (self.options.im_weight * im).detach(),
-        }
+        return {"gan_d": loss_d.detach(), "gan_g": adv.detach(), "gan_im": im.detach()}
 
     def _query_this_step(self) -> bool:
         if self.im_every == 0 or self.gan_step % self.im_every:
@@ -335,12 +310,6 @@ class MEKD(BudgetedDistiller):
         return self.remaining is None or self.remaining >= self.im_batch
 
     # -- distillation ------------------------------------------------------------------------------
-    def freeze_generator(self) -> None:
-        """Eval mode and no parameter gradients: differentiated through, never updated."""
-        self.generator.eval()
-        for p in self.generator.parameters():
-            p.requires_grad_(False)
-
     @property
     def fresh_queries(self) -> bool:
         """No budget and no transfer_size: generated images are asked fresh at every step."""
@@ -395,7 +364,6 @@ class MEKD(BudgetedDistiller):
             raise BudgetExceededError(
                 "no query budget left for MEKD's transfer set; lower options.gan_query_fraction"
             )
-        target = partial(teacher_vector, num_classes=self.num_classes)
         o = self.options
         if o.edge_first and o.edge_share > 0:
             # every edge image the budget allows, generated images only with what is left
@@ -410,8 +378,8 @@ class MEKD(BudgetedDistiller):
             self.pool_z, self.pool_t = torch.zeros(0, self.num_classes), None
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
-        if self.options.query_selection == "kt" and self.options.kt_oversample > 1:
-            cand = self.sample_latents(size * self.options.kt_oversample, gen)
+        if o.query_selection == "kt" and o.kt_oversample > 1:
+            cand = self.sample_latents(size * o.kt_oversample, gen)
             with torch.no_grad():
                 feats = torch.cat(
                     [self.generate(c.to(device)).flatten(1).cpu() for c in cand.split(1024)]
@@ -420,6 +388,7 @@ class MEKD(BudgetedDistiller):
             z = cand[torch.from_numpy(idx)]
         else:
             z = self.sample_latents(size, gen)
+        target = partial(teacher_vector, num_classes=self.num_classes)
         t = self.query_all(z, lambda part: self.generate(part.to(device)), target)
         keep = self.keep_mask(t)  # paid for either way; only confident answers are distilled on
         self.pool_z, self.pool_t = z[keep], (t[keep] if keep.any() else None)
@@ -454,7 +423,8 @@ class MEKD(BudgetedDistiller):
         process keeps its rows, so ranks never draw the same samples.
         """
         device = x.device
-        self.freeze_generator()
+        # the generator is differentiated through, never updated
+        self.generator.eval().requires_grad_(False)
         fresh = self.fresh_queries
         if not self.transfer_ready:
             self.build_transfer_set(device)
@@ -499,7 +469,7 @@ class MEKD(BudgetedDistiller):
         with torch.no_grad():
             # where G's inputs sit against the N(0, I) latents it was trained on
             for who, v in (("t", t), ("s", s.float())):
-                v = standardize_rows(v) if o.g_input == "standardized" else v / o.tau_g
+                v = generator_input(v, o.g_input, o.tau_g)
                 self._add(**{f"g_in_{who}_mean": float(v.mean()) * len(v)})
                 self._add(**{f"g_in_{who}_sq": float(v.pow(2).mean()) * len(v)})
             self._add(g_in_rows=float(len(t)))
@@ -582,18 +552,3 @@ def build(cfg, options, student, teacher, bundle) -> MEKD:
     if options.generator:
         distiller.load_generator(options.generator)
     return distiller
-
-
-__all__ = [
-    "MEKD",
-    "Discriminator",
-    "Generator",
-    "MEKDOptions",
-    "class_balance_weights",
-    "distill_loss",
-    "im_term",
-    "im_weights",
-    "read_run_weights",
-    "student_lr_factor",
-    "teacher_vector",
-]

@@ -30,11 +30,6 @@ def class_stats(labels: torch.Tensor, num_classes: int) -> tuple[int, float]:
     return int((counts > 0).sum()), float(-(p * p.log()).sum())
 
 
-def diag_latents(m: Any, n: int) -> torch.Tensor:
-    """The fixed latent batch the diagnostics ask about every GAN epoch (private RNG)."""
-    return m.sample_latents(n, torch.Generator().manual_seed(m.seed + 2))
-
-
 def diagnostics(m: Any, epoch: int) -> dict[str, float]:
     """The epoch's diagnostics of an MEKD distiller `m` (its `stats` sums, a fixed-batch query)."""
     st, out = m.stats, {}
@@ -49,7 +44,8 @@ def diagnostics(m: Any, epoch: int) -> dict[str, float]:
             spare -= len(m.edge)  # never displace an edge answer: edge images pay better
         unmatched = m.options.latents == "answers" and m.edge_t is None  # no answers to draw on
         if n > 0 and not unmatched and (spare is None or spare >= n):
-            z = diag_latents(m, n)
+            # the same latents every epoch (a private RNG)
+            z = m.sample_latents(n, torch.Generator().manual_seed(m.seed + 2))
             was = m.generator.training
             m.generator.eval()  # the running statistics distillation will use; none updated
             device = next(m.generator.parameters()).device

@@ -67,11 +67,8 @@ class Discriminator(nn.Module):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         chans = [in_channels, width // 8, width // 4, width // 2, width]
-        layers: list[nn.Module] = []
-        for i in range(4):
-            layers.append(sn(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1)))
-            layers.append(nn.LeakyReLU(0.2))
-        self.body = nn.Sequential(*layers)
+        convs = [sn(nn.Conv2d(a, b, 3, stride=2, padding=1)) for a, b in zip(chans, chans[1:])]
+        self.body = nn.Sequential(*(m for conv in convs for m in (conv, nn.LeakyReLU(0.2))))
         with torch.no_grad():
             probe = torch.zeros(2, in_channels, image_size, image_size)
             n = self.body.eval()(probe).flatten(1).shape[1]
@@ -245,7 +242,6 @@ def distill_loss(
     one-hot answer and the KL term is taken against it as it is (cross-entropy of s / tau on the
     label): softmax(one-hot / tau), as a soft answer would be read, is nearly uniform.
     """
-
     if align_weight > 0:
         with torch.no_grad():
             target = generator(generator_input(t, g_input, tau_g))

@@ -16,12 +16,12 @@ from distillkit.methods.mekd_gan import parse_augment
 
 @dataclass
 class MEKDOptions(BlackBoxOptions):
-    """MEKD's knobs (paper values unless methods/mekd.py's table says why they changed)."""
+    """MEKD's knobs (paper values unless methods/mekd.py or README says why they changed)."""
 
     gan_epochs: int = 10  # deprivatization epochs before distillation starts
     # D/G updates per trainer step (fresh latents, same edge batch). The defaults (1 update, width
     # 16) keep one run within 20 minutes on one CPU thread; the 5 x width-128 GAN took over an hour
-    # there and did not beat the small one on the validation split (methods/mekd.py's table)
+    # there and did not beat the small one on the validation split (README's F-MNIST tables)
     gan_steps_per_batch: int = 1
     gan_lr: float = 1e-4  # the generator's Adam lr
     gan_d_lr: float | None = 8e-4  # the discriminator's (two time scales); None: gan_lr
@@ -63,12 +63,7 @@ class MEKDOptions(BlackBoxOptions):
     generator: str | None = None  # run dir of an earlier mekd run to take G and D from
 
     def resolved(self, kind: str) -> MEKDOptions:
-        """A copy with the per-kind defaults filled in (kind: "soft" or "hard" answers).
-
-        Measured on the Fashion-MNIST validation split (README): with soft answers generated
-        images cost more than they teach (edge images only) and answer-matched latents help;
-        with hard answers half of each batch generated and N(0, I) latents do better.
-        """
+        """A copy with the per-kind defaults of edge_share and latents (kind: "soft" or "hard")."""
         soft = kind == "soft"
         share = self.edge_share if self.edge_share is not None else (1.0 if soft else 0.5)
         latents = self.latents
@@ -79,12 +74,27 @@ class MEKDOptions(BlackBoxOptions):
     def validate(self) -> None:
         """Check the values."""
         super().validate()
-        if self.gan_epochs < 0:
-            raise ValueError(f"options.gan_epochs must be >= 0, got {self.gan_epochs}")
-        if self.gan_steps_per_batch < 1:
-            raise ValueError(
-                f"options.gan_steps_per_batch must be >= 1, got {self.gan_steps_per_batch}"
-            )
+        bounds = (
+            (
+                ("gan_epochs", "align_weight", "diag_batch", "latent_noise"),
+                ">= 0",
+                lambda v: v >= 0,
+            ),
+            (("gan_steps_per_batch", "kt_oversample"), ">= 1", lambda v: v >= 1),
+            (("gan_lr", "tau", "tau_g", "hard_tau", "hard_beta"), "> 0", lambda v: v > 0),
+            (("gan_d_lr",), "> 0 or null", lambda v: v is None or v > 0),
+            (("im_batch", "transfer_size"), ">= 1 or null", lambda v: v is None or v >= 1),
+            (("edge_share",), "in [0, 1]", lambda v: v is None or 0.0 <= v <= 1.0),
+            (
+                ("gan_query_fraction", "gan_beta1", "gan_beta2", "min_confidence"),
+                "in [0, 1)",
+                lambda v: 0.0 <= v < 1.0,
+            ),
+        )
+        for names, rule, ok in bounds:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ValueError(f"options.{name} must be {rule}, got {getattr(self, name)}")
         if self.gan_epochs == 0 and not self.generator:
             raise ValueError(
                 "options.gan_epochs=0 needs options.generator=RUN_DIR of a trained GAN"
@@ -98,42 +108,14 @@ class MEKDOptions(BlackBoxOptions):
                 raise ValueError(
                     f"options.{name} must be {' or '.join(allowed)}, got {getattr(self, name)!r}"
                 )
-        if not 0.0 <= self.gan_query_fraction < 1.0:
-            raise ValueError(
-                f"options.gan_query_fraction must be in [0, 1), got {self.gan_query_fraction}"
-            )
-        for name in ("gan_lr", "tau", "tau_g", "hard_tau", "hard_beta"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"options.{name} must be > 0, got {getattr(self, name)}")
-        if self.gan_d_lr is not None and self.gan_d_lr <= 0:
-            raise ValueError(f"options.gan_d_lr must be > 0 or null, got {self.gan_d_lr}")
-        for name in ("gan_beta1", "gan_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"options.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.gen_width < 8 or self.gen_width % 8:
             raise ValueError(f"options.gen_width must be a multiple of 8, got {self.gen_width}")
-        for name in ("im_batch", "transfer_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"options.{name} must be >= 1 or null, got {value}")
-        if self.align_weight < 0:
-            raise ValueError(f"options.align_weight must be >= 0, got {self.align_weight}")
-        if self.diag_batch < 0:
-            raise ValueError(f"options.diag_batch must be >= 0, got {self.diag_batch}")
-        if self.edge_share is not None and not 0.0 <= self.edge_share <= 1.0:
-            raise ValueError(f"options.edge_share must be in [0, 1], got {self.edge_share}")
         edge = self.edge_share is None or self.edge_share > 0
         if self.latents == "answers" and not (self.edge_first and edge):
             raise ValueError(
                 "options.latents=answers draws on the answered edge images: it needs "
                 "edge_first=true and edge_share > 0"
             )
-        if self.latent_noise < 0:
-            raise ValueError(f"options.latent_noise must be >= 0, got {self.latent_noise}")
-        if not 0.0 <= self.min_confidence < 1.0:
-            raise ValueError(f"options.min_confidence must be in [0, 1), got {self.min_confidence}")
-        if self.kt_oversample < 1:
-            raise ValueError(f"options.kt_oversample must be >= 1, got {self.kt_oversample}")
         parse_augment(self.diff_augment)
 
 
