@@ -32,18 +32,12 @@ CORE = ("train", "distill", "resume", "evaluate", "models", "datasets", "demo", 
 HELPERS = ("common",)
 
 EXIT_USAGE = 2  # bad input: the user can fix the command, config or file named
-EXIT_FAILURE = 1  # a valid command failed outside the user's input (teacher server, permissions)
+EXIT_FAILURE = 1  # a valid command failed outside the user's input (teacher server, OS, export)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 # expected errors that mean "fix your input"; ConfigError, UsageError and CheckpointError are
 # ValueErrors, DatasetNotFoundError a FileNotFoundError, a diverged loss a FloatingPointError
-USAGE_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,
-    FileNotFoundError,
-    FileExistsError,
-    ValueError,
-    FloatingPointError,
-)
+USAGE_ERRORS = (UserError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError)
 
 
 def command_modules() -> list[str]:
@@ -53,8 +47,7 @@ def command_modules() -> list[str]:
         for info in pkgutil.iter_modules(commands_pkg.__path__)
         if info.name not in HELPERS and not info.name.startswith("_")
     ]
-    core = [c.replace("-", "_") for c in CORE]
-    return [n for n in core if n in names] + sorted(n for n in names if n not in core)
+    return [n for n in CORE if n in names] + sorted(n for n in names if n not in CORE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,15 +76,16 @@ def _loaded_class(module: str, name: str) -> type[BaseException] | None:
     An exception of a class whose module never ran cannot have been raised, so the error path
     never imports torch (or anything else heavy) just to compare classes.
     """
-    mod = sys.modules.get(module)
-    return getattr(mod, name, None) if mod is not None else None
+    return getattr(sys.modules.get(module), name, None)
 
 
 def _failure_errors() -> tuple[type[BaseException], ...]:
-    """Expected errors of a valid command that failed: a teacher server or the OS refused."""
+    """Expected errors of a valid command that failed: a teacher server, the OS or an export."""
     found = [
         _loaded_class("distillkit.teachers.remote", "RemoteTeacherError"),
         _loaded_class("distillkit.teachers.base", "BudgetExceededError"),
+        # the model could not be exported, or its exported graph disagrees with it
+        _loaded_class("distillkit.deploy.export", "ExportError"),
     ]
     # a 401 from a teacher server, or a file the user may not read or write
     return (PermissionError, *[c for c in found if c is not None])
@@ -106,22 +100,14 @@ def exit_code(exc: BaseException) -> int | None:
     return None
 
 
-def _error_detail(exc: BaseException) -> str | None:
-    """The underlying explanation of an error, shown only under --verbose."""
-    detail = getattr(exc, "detail", None)
-    if detail:
-        return str(detail)
-    cause = exc.__cause__
-    return f"{type(cause).__name__}: {cause}" if cause is not None else None
-
-
 def _report(command: str, exc: BaseException, verbose: bool) -> None:
-    """One line naming the problem; the detail follows only under --verbose."""
-    detail = _error_detail(exc)
-    hint = " (--verbose for details)" if getattr(exc, "detail", None) and not verbose else ""
+    """One line naming the problem; its detail (or else its cause) follows only under --verbose."""
+    detail = getattr(exc, "detail", None)
+    hint = " (--verbose for details)" if detail and not verbose else ""
     print(f"distillkit {command}: error: {exc}{hint}", file=sys.stderr)
-    if verbose and detail:
-        print(detail, file=sys.stderr)
+    cause = exc.__cause__
+    if verbose and (detail or cause is not None):
+        print(detail or f"{type(cause).__name__}: {cause}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ as in Wang et al. (NeurIPS 2022). Results go to OUT/da_score.{json,csv} and a sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--train-students", action="store_true", help="also distill a student per scheme"
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--out", default=None, help="output directory (default runs/<name>_da_score)")
+    p.add_argument("--out", help="output directory (default runs/<name>_da_score)")
     p.add_argument("--batch", type=int, default=64, help="T. stddev batch size (default 64)")
     p.add_argument(
         "--window-batches", type=int, default=5, help="batches per T. stddev window (default 5)"
@@ -82,22 +83,14 @@ def correlations(x: list[float], y: list[float]) -> dict[str, dict[str, float | 
     """Pearson, Spearman and Kendall correlation (statistic and p-value) of x against y."""
     from scipy import stats
 
-    out: dict[str, dict[str, float | None]] = {}
+    tests = {"pearson": stats.pearsonr, "spearman": stats.spearmanr, "kendall": stats.kendalltau}
     usable = len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0
-    for name, fn in (
-        ("pearson", stats.pearsonr),
-        ("spearman", stats.spearmanr),
-        ("kendall", stats.kendalltau),
-    ):
-        if not usable:
-            out[name] = {"statistic": None, "pvalue": None}
-            continue
-        res = fn(x, y)
-        stat, p = float(res[0]), float(res[1])
-        out[name] = {
-            "statistic": None if math.isnan(stat) else stat,
-            "pvalue": None if math.isnan(p) else p,
-        }
+    out: dict[str, dict[str, float | None]] = {}
+    for name, fn in tests.items():
+        res = fn(x, y) if usable else (math.nan, math.nan)
+        # an undefined statistic or p-value (NaN) is reported as None
+        stat, p = (None if math.isnan(v) else v for v in (float(res[0]), float(res[1])))
+        out[name] = {"statistic": stat, "pvalue": p}
     return out
 
 
@@ -108,10 +101,7 @@ def _safe(label: str) -> str:
 def student_options(cfg, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """kd_da options of a scheme's student: the config's own kd_da options, or (for another
     method) only its KD temperature, plus the scheme's augmentation."""
-    if cfg.method == "kd_da":
-        options = dict(cfg.options)
-    else:
-        options = {k: v for k, v in cfg.options.items() if k == "temperature"}
+    options = {k: v for k, v in cfg.options.items() if cfg.method == "kd_da" or k == "temperature"}
     options.update(augmentation=name, params=dict(params))
     return options
 
@@ -124,11 +114,10 @@ def _train_student(
     from distillkit.runner import canonical_config, run
 
     data = cfg.to_dict()
-    options = student_options(cfg, name, params)
     run_dir = out_dir / "students" / f"{_safe(label)}_s{seed}"
     data.update(
         method="kd_da",
-        options=options,
+        options=student_options(cfg, name, params),
         seed=seed,
         name=f"{cfg.name}_{_safe(label)}_s{seed}",
         out_dir=str(run_dir),
@@ -137,20 +126,14 @@ def _train_student(
     # run() saves paths and import specs absolute: compare like with like
     student_cfg = canonical_config(config_from_dict(data))
     metrics = run_dir / "metrics.json"
+    saved = None
     if metrics.is_file() and (run_dir / "config.yaml").is_file():
-        try:
+        # a config written by an older distillkit does not load: not the same config
+        with contextlib.suppress(ConfigError):
             saved = load_config(run_dir / "config.yaml").to_dict()
-        except ConfigError:  # written by an older distillkit: not the same config
-            saved = None
-        if saved == student_cfg.to_dict():
-            summary = json.loads(metrics.read_text())
-            return {
-                "test_loss": summary["test_loss"],
-                "test_acc": summary["test_acc"],
-                "reused": True,
-            }
-    summary = run(student_cfg)
-    return {"test_loss": summary["test_loss"], "test_acc": summary["test_acc"], "reused": False}
+    reused = saved == student_cfg.to_dict()
+    summary = json.loads(metrics.read_text()) if reused else run(student_cfg)
+    return {"test_loss": summary["test_loss"], "test_acc": summary["test_acc"], "reused": reused}
 
 
 def run_da_score(
@@ -283,8 +266,7 @@ def write_results(result: dict[str, Any], out_dir: Path) -> None:
     with open(out_dir / "da_score.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        for row in result["schemes"]:
-            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+        writer.writerows(result["schemes"])  # missing columns are written empty
 
 
 def _fmt(v: Any, digits: int) -> str:
@@ -304,8 +286,7 @@ def format_table(result: dict[str, Any]) -> str:
             cells += [_fmt(r["student_test_loss"], 4), _fmt(r["student_test_acc"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     if students:
-        lines.append("")
-        lines.append("T. stddev vs student test loss:")
+        lines += ["", "T. stddev vs student test loss:"]
         for name, c in result["correlations"].items():
             lines.append(f"  {name:<8} {_fmt(c['statistic'], 3):>7} (p={_fmt(c['pvalue'], 3)})")
     return "\n".join(lines)
@@ -316,8 +297,7 @@ def cmd_da_score(args: argparse.Namespace) -> int:
     from distillkit.config import load_config
     from distillkit.runner import check_config
 
-    config, overrides = split_config_arg(args)
-    cfg = load_config(config, overrides)
+    cfg = load_config(*split_config_arg(args))
     check_config(cfg)
     schemes = parse_schemes(args.schemes)
     seeds = _parse_seeds(args.seeds)
@@ -341,6 +321,3 @@ def cmd_da_score(args: argparse.Namespace) -> int:
     if "plot" in result:
         print(f"plot: {result['plot']}")
     return 0
-
-
-__all__ = ["correlations", "format_table", "parse_schemes", "register", "run_da_score"]

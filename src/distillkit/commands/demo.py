@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="runs/demo",
         help="output folder: new, empty, or an earlier demo output (only its parts are replaced)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="override every run's epochs")
+    p.add_argument("--epochs", type=int, help="override every run's epochs")
     p.add_argument("--verbose", action="store_true", help="per-epoch lines")
     p.set_defaults(func=cmd_demo)
 

@@ -11,10 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `evaluate` subcommand."""
     p = subparsers.add_parser("evaluate", help="test accuracy of a run directory or checkpoint")
     p.add_argument("target", help="run directory or .pt checkpoint")
-    p.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    p.add_argument("--data-dir", help="where the dataset's files are")
     p.add_argument(
         "--dataset",
-        default=None,
         help="evaluate on this dataset instead of the recorded one (needed for runs trained on "
         "data given as Python objects)",
     )

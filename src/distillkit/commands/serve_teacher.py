@@ -26,16 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keys", default="teacher_keys.json", help="keys file (hashed keys)")
-    p.add_argument(
-        "--budget", type=int, default=None, help="images per key for keys without their own budget"
-    )
+    p.add_argument("--budget", type=int, help="images per key for keys without their own budget")
     p.add_argument("--max-batch", type=int, default=256, help="most images per request")
-    p.add_argument(
-        "--max-body-bytes", type=int, default=None, help="request body limit (413 above)"
-    )
+    p.add_argument("--max-body-bytes", type=int, help="request body limit (413 above)")
     p.add_argument("--state", default="teacher_state.db", help="SQLite file of spent budgets")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--log-file", default=None, help="access log (JSON lines); default stderr")
+    p.add_argument("--log-file", help="access log (JSON lines); default stderr")
     p.add_argument(
         "--idempotency-ttl",
         type=float,
@@ -81,16 +77,12 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.budget is not None and args.budget < 0:
         raise ValueError(f"--budget must be >= 0, got {args.budget}")
-    for flag in ("idempotency_ttl", "max_connections", "read_timeout", "keep_alive_timeout"):
-        value = getattr(args, flag)
+    names = ("idempotency_ttl", "max_connections", "read_timeout", "keep_alive_timeout")
+    limits = {name: getattr(args, name) for name in names}
+    for name, value in limits.items():
         if not value > 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
-    settings = ServerSettings(
-        idempotency_ttl=args.idempotency_ttl,
-        max_connections=args.max_connections,
-        read_timeout=args.read_timeout,
-        keep_alive_timeout=args.keep_alive_timeout,
-    )
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    settings = ServerSettings(**limits)
     handler: logging.Handler = (
         logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler(sys.stderr)
     )

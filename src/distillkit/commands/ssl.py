@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from distillkit.commands.common import add_run_args
+from distillkit.commands.common import add_run_args, print_result, split_config_arg
+from distillkit.commands.train import run_config
 from distillkit.errors import UsageError
 
 
@@ -30,9 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_ssl(args: argparse.Namespace) -> int:
     """Run a config like `train`, or continue a run like `resume`."""
-    from distillkit.commands.common import format_json, is_main_rank, split_config_arg
-    from distillkit.commands.train import run_config
-
     if not args.resume:
         return run_config(args)
     config, overrides = split_config_arg(args)
@@ -43,7 +41,5 @@ def cmd_ssl(args: argparse.Namespace) -> int:
     from distillkit.config import parse_overrides
     from distillkit.runner import resume
 
-    summary = resume(args.resume, parse_overrides(overrides))
-    if not args.quiet and is_main_rank():
-        print(format_json(summary))
+    print_result(resume(args.resume, parse_overrides(overrides)), quiet=args.quiet)
     return 0

@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a = sub.add_parser("add", help="create a key; prints it once (only its hash is stored)")
     a.add_argument("name", help="a human name for the key (shown in listings)")
     a.add_argument("--keys", default="teacher_keys.json", help="keys file (created if missing)")
-    a.add_argument("--budget", type=int, default=None, help="this key's image budget")
+    a.add_argument("--budget", type=int, help="this key's image budget")
     a.set_defaults(func=cmd_add)
     ls = sub.add_parser("list", help="list key ids, names and budgets")
     ls.add_argument("--keys", default="teacher_keys.json")

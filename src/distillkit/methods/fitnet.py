@@ -79,17 +79,13 @@ class FitNet(Distiller):
             s_feat = F.interpolate(
                 s_feat, size=t_feat.shape[-2:], mode="bilinear", align_corners=False
             )
-        losses = {
-            "ce": F.cross_entropy(logits, y),
-            "hint": self.hint_weight * F.mse_loss(s_feat.float(), t_feat.float()),
-        }
-        return logits, losses
+        ce = F.cross_entropy(logits, y)
+        hint = self.hint_weight * F.mse_loss(s_feat.float(), t_feat.float())
+        return logits, {"ce": ce, "hint": hint}
 
 
 @register_method(
-    "fitnet",
-    options=FitNetOptions,
-    description="FitNets hint regression on hooked features + CE",
+    "fitnet", options=FitNetOptions, description="FitNets hint regression on hooked features + CE"
 )
 def build(cfg, options: FitNetOptions, student, teacher, bundle) -> FitNet:
     """Registry builder; layers default to the middle entry of each model's hook_layers."""

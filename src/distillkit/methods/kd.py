@@ -11,7 +11,7 @@ from torch import nn
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import check_alpha, check_temperature, kd_loss
 from distillkit.methods.registry import register_method
-from distillkit.teachers.base import TeacherOutput, ask_teacher
+from distillkit.teachers.base import ask_teacher
 
 
 @dataclass
@@ -43,25 +43,15 @@ class KD(Distiller):
         self.alpha = alpha
         self.num_classes = num_classes
 
-    def query_teacher(self, x: torch.Tensor, idx: torch.Tensor | None) -> TeacherOutput:
-        """Ask the teacher, by sample index where it caches."""
-        return ask_teacher(self.teacher, x, idx)
-
-    def kd_term(self, logits: torch.Tensor, out: TeacherOutput) -> torch.Tensor:
-        """T^2 * KL to the teacher; for hard labels the target is exactly one-hot at any T."""
-        return kd_loss(logits, out, self.temperature, self.num_classes)
-
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """CE on labels plus the tempered KL to the teacher."""
+        """CE on labels plus the tempered KL to the teacher (asked by sample index to cache)."""
         x, y, idx = batch
         with torch.no_grad():
-            out = self.query_teacher(x, idx)
+            out = ask_teacher(self.teacher, x, idx)
         logits = self.student(x)
-        losses = {
-            "ce": self.alpha * F.cross_entropy(logits, y),
-            "kd": (1.0 - self.alpha) * self.kd_term(logits, out),
-        }
-        return logits, losses
+        ce = self.alpha * F.cross_entropy(logits, y)
+        kd = (1.0 - self.alpha) * kd_loss(logits, out, self.temperature, self.num_classes)
+        return logits, {"ce": ce, "kd": kd}
 
 
 @register_method(

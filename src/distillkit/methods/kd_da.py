@@ -106,16 +106,12 @@ class KDDA(Distiller):
             "ce": self.w_ce * F.cross_entropy(logits, y),
             "kd": self.w_kd * self.kd_term(logits, out),
         }
-        if self.augmentation.is_identity:
-            # x' = x: the second term equals the first, no need for two more forward passes
-            losses["kd_aug"] = self.w_kd * self.kd_term(logits, out)
-            return logits, losses
-        x_aug, t_lp_aug = self.augment(x)
-        if t_lp_aug is None:
-            out_aug = self.ask(x_aug)
-        else:
-            out_aug = reused_answer(t_lp_aug, hard=is_hard(out))
-        logits_aug = self.student(x_aug)
+        # the identity's x' = x: the second term equals the first, no need for two more forwards
+        logits_aug, out_aug = logits, out
+        if not self.augmentation.is_identity:
+            x_aug, t_lp_aug = self.augment(x)
+            out_aug = self.ask(x_aug) if t_lp_aug is None else reused_answer(t_lp_aug, is_hard(out))
+            logits_aug = self.student(x_aug)
         losses["kd_aug"] = self.w_kd * self.kd_term(logits_aug, out_aug)
         return logits, losses
 
@@ -140,11 +136,10 @@ def reused_answer(log_probs: torch.Tensor, hard: bool) -> TeacherOutput:
 )
 def build(cfg, options: KDDAOptions, student, teacher, bundle) -> KDDA:
     """Registry builder: the augmentation and weights come from `options`."""
-    aug = build_augmentation(options.augmentation, **options.params)
     return KDDA(
         student,
         teacher,
-        aug,
+        build_augmentation(options.augmentation, **options.params),
         w_ce=options.w_ce,
         w_kd=options.w_kd,
         temperature=options.temperature,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 _REGISTRY: dict[str, MethodSpec] = {}
-_LOADED = False
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,13 @@ def register_method(
     return deco
 
 
+@functools.cache
 def _load_all() -> None:
     """Import every module of distillkit.methods so their registrations run."""
-    global _LOADED
-    if _LOADED:
-        return
     import distillkit.methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"distillkit.methods.{info.name}")
-    _LOADED = True
 
 
 def list_methods() -> list[str]:

@@ -99,7 +99,9 @@ re-divides them; give ``stage_epochs`` to pin them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from bisect import bisect_right
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +111,7 @@ from distillkit.errors import ConfigError
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import check_alpha, check_temperature, kd_kl
 from distillkit.methods.registry import register_method
-from distillkit.models.stagewise import (
-    Block,
-    Connector,
-    make_connector,
-    pair_blocks,
-    split_blocks,
-)
+from distillkit.models.stagewise import Block, Connector, make_connector, pair_blocks, split_blocks
 
 
 @dataclass(frozen=True)
@@ -126,15 +122,10 @@ class Stage:
     groups: tuple[tuple[int, ...], ...]
     epochs: int
 
-    @property
-    def name(self) -> str:
-        """'s1', 's2', ... (1-based, as in the loss names)."""
-        return f"s{self.index + 1}"
-
     def group_name(self, group: tuple[int, ...]) -> str:
-        """'s1_b2' for one block, 's2_b0-1' for a merged group."""
+        """'s1_b2' for one block, 's2_b0-1' for a merged group (stages count from 1)."""
         a, b = group[0], group[-1]
-        return f"{self.name}_b{a}" if a == b else f"{self.name}_b{a}-{b}"
+        return f"s{self.index + 1}_b{a}" if a == b else f"s{self.index + 1}_b{a}-{b}"
 
 
 def _even_sizes(n: int, k: int) -> list[int]:
@@ -143,11 +134,7 @@ def _even_sizes(n: int, k: int) -> list[int]:
 
 
 def _bounds(sizes: list[int]) -> set[int]:
-    out, pos = set(), 0
-    for s in sizes[:-1]:
-        pos += s
-        out.add(pos)
-    return out
+    return set(accumulate(sizes[:-1]))
 
 
 def stage_sizes(
@@ -218,11 +205,8 @@ def build_schedule(
         epochs = _even_sizes(total_epochs, len(sizes))
     stages = []
     for i, (s, e) in enumerate(zip(sizes, epochs)):
-        groups, pos = [], 0
-        for size in s:
-            groups.append(tuple(range(pos, pos + size)))
-            pos += size
-        stages.append(Stage(i, tuple(groups), e))
+        starts = [0, *accumulate(s)]
+        stages.append(Stage(i, tuple(tuple(range(a, b)) for a, b in zip(starts, starts[1:])), e))
     return stages
 
 
@@ -230,17 +214,15 @@ def stage_of_epoch(epoch: int, stage_epochs: list[int]) -> int:
     """Index of the stage that 0-based ``epoch`` belongs to (the last one past the end)."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    end = 0
-    for i, e in enumerate(stage_epochs):
-        end += e
-        if epoch < end:
-            return i
-    return len(stage_epochs) - 1
+    return min(bisect_right(list(accumulate(stage_epochs)), epoch), len(stage_epochs) - 1)
 
 
-BLOCK_INPUTS = ("student", "teacher", "anneal")
-FEAT_LOSSES = ("nmse", "mse")
-OUT_CONNECTORS = ("auto", "always")
+# the values each string option may take
+CHOICES = {
+    "block_input": ("student", "teacher", "anneal"),
+    "feat_loss": ("nmse", "mse"),
+    "out_connector": ("auto", "always"),
+}
 
 
 def feature_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "nmse") -> torch.Tensor:
@@ -249,7 +231,7 @@ def feature_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "nmse"
     if kind == "mse":
         return F.mse_loss(s, t)
     if kind != "nmse":
-        raise ValueError(f"feature loss must be one of {FEAT_LOSSES}, got {kind!r}")
+        raise ValueError(f"feature loss must be one of {CHOICES['feat_loss']}, got {kind!r}")
     # channels: dim 1 of maps (N, C, ...) and vectors (N, D), the last dim of tokens (N, L, D)
     dims = tuple(d for d in range(t.dim()) if d != (t.dim() - 1 if t.dim() == 3 else 1))
     var = t.var(dim=dims, keepdim=True, unbiased=False)
@@ -284,22 +266,12 @@ class StableKDOptions:
                     f"options.stage_epochs: every stage needs >= 1 epoch, got {self.stage_epochs}"
                 )
             build_schedule(sizes, self.stage_epochs, sum(self.stage_epochs))
-        if self.feat_weight < 0:
-            raise ValueError(f"options.feat_weight: must be >= 0, got {self.feat_weight}")
-        if self.inner_feat_weight < 0:
-            raise ValueError(
-                f"options.inner_feat_weight: must be >= 0, got {self.inner_feat_weight}"
-            )
-        if self.block_input not in BLOCK_INPUTS:
-            raise ValueError(
-                f"options.block_input: one of {BLOCK_INPUTS}, got {self.block_input!r}"
-            )
-        if self.feat_loss not in FEAT_LOSSES:
-            raise ValueError(f"options.feat_loss: one of {FEAT_LOSSES}, got {self.feat_loss!r}")
-        if self.out_connector not in OUT_CONNECTORS:
-            raise ValueError(
-                f"options.out_connector: one of {OUT_CONNECTORS}, got {self.out_connector!r}"
-            )
+        for key in ("feat_weight", "inner_feat_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"options.{key}: must be >= 0, got {getattr(self, key)}")
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(f"options.{key}: one of {choices}, got {getattr(self, key)!r}")
 
 
 class StableKD(Distiller):
@@ -323,14 +295,10 @@ class StableKD(Distiller):
         out_connector: str = "auto",
     ):
         super().__init__(student, teacher)
-        if block_input not in BLOCK_INPUTS:
-            raise ValueError(f"block_input must be one of {BLOCK_INPUTS}, got {block_input!r}")
-        if feat_loss not in FEAT_LOSSES:
-            raise ValueError(f"feat_loss must be one of {FEAT_LOSSES}, got {feat_loss!r}")
-        if out_connector not in OUT_CONNECTORS:
-            raise ValueError(
-                f"out_connector must be one of {OUT_CONNECTORS}, got {out_connector!r}"
-            )
+        given = {"block_input": block_input, "feat_loss": feat_loss, "out_connector": out_connector}
+        for key, value in given.items():
+            if value not in CHOICES[key]:
+                raise ValueError(f"{key} must be one of {CHOICES[key]}, got {value!r}")
         self.block_input = block_input
         self.feat_loss = feat_loss
         self.inner_feat_weight = inner_feat_weight
@@ -346,7 +314,6 @@ class StableKD(Distiller):
         self.num_blocks = sum(len(g) for g in schedule[0].groups)
         t_model = getattr(teacher, "model", teacher)
         pairing = pair_blocks(t_model, student, self.num_blocks, input_shape)
-        self.pairing_text = pairing.describe()
         self._t_blocks: list[Block] = pairing.teacher  # lists: not registered as submodules
         self._s_blocks: list[Block] = pairing.student
         self.in_connectors = nn.ModuleDict()  # boundary k: teacher feature -> student input
@@ -368,10 +335,6 @@ class StableKD(Distiller):
         """Epochs of every stage."""
         return [s.epochs for s in self.schedule]
 
-    def stage_of_epoch(self, epoch: int) -> int:
-        """Index of the stage that 0-based ``epoch`` belongs to."""
-        return stage_of_epoch(epoch, self.stage_epochs)
-
     def set_stage(self, index: int) -> None:
         """Train the stage ``index`` from the next step on."""
         if not 0 <= index < len(self.schedule):
@@ -387,7 +350,7 @@ class StableKD(Distiller):
         # block runs a module its model no longer calls
         self._s_blocks = split_blocks(self.student, self.num_blocks)
         self._t_blocks = split_blocks(getattr(self.teacher, "model", self.teacher), self.num_blocks)
-        self.set_stage(self.stage_of_epoch(epoch))
+        self.set_stage(stage_of_epoch(epoch, self.stage_epochs))
         self._epoch = epoch
 
     @property
@@ -480,21 +443,12 @@ class StableKD(Distiller):
 def build(cfg, options: StableKDOptions, student, teacher, bundle) -> StableKD:
     """Registry builder: schedule, temperature and alpha from the options, epochs from the run."""
     sizes = stage_sizes(options.blocks_per_stage, options.stages)
+    kwargs = asdict(options)  # the options besides the schedule's are StableKD's arguments
+    for key in ("blocks_per_stage", "stages", "stage_epochs"):
+        del kwargs[key]
     try:
         schedule = build_schedule(sizes, options.stage_epochs, cfg.epochs)
         shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
-        return StableKD(
-            student,
-            teacher,
-            schedule,
-            shape,
-            temperature=options.temperature,
-            alpha=options.alpha,
-            feat_weight=options.feat_weight,
-            block_input=options.block_input,
-            feat_loss=options.feat_loss,
-            inner_feat_weight=options.inner_feat_weight,
-            out_connector=options.out_connector,
-        )
+        return StableKD(student, teacher, schedule, shape, **kwargs)
     except ValueError as exc:
         raise ConfigError(f"stablekd: {exc}") from None
