@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from distillkit.errors import ConfigError
 from distillkit.methods.blackbox import BlackBoxOptions
 from distillkit.methods.mekd_gan import parse_augment
+from distillkit.models.checkpoint import CheckpointError, load_checkpoint
 
 
 @dataclass
@@ -119,35 +116,14 @@ class MEKDOptions(BlackBoxOptions):
         parse_augment(self.diff_augment)
 
 
-# the numpy pieces a run checkpoint holds (RNG state, subset indices): plain numeric arrays only
-_RECONSTRUCT = np._core.multiarray._reconstruct  # type: ignore[attr-defined]
-_NUMERIC = (np.bool_, np.int32, np.int64, np.uint8, np.uint32, np.float32, np.float64)
-_NUMPY_GLOBALS: list[Any] = [
-    _RECONSTRUCT,
-    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),  # files written under numpy 1.x
-    np.ndarray,
-    np.dtype,
-    *(type(np.dtype(t)) for t in _NUMERIC),
-]
-
-
 def read_run_weights(run_dir: str, part: str = "distiller") -> dict[str, Any]:
     """A part of a run's last checkpoint, read as data only: the trained module weights
     ("distiller", the default) or the method's "extra_state"."""
-    path = Path(run_dir)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise ConfigError(f"options.generator: no checkpoint at {path}")
     try:
-        # weights_only: a checkpoint is data; unpickling arbitrary objects would run their code
-        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise ConfigError(
-            f"options.generator: cannot read {path} ({type(exc).__name__}); is it a distillkit run?"
-        ) from None
-    weights = state.get(part) if isinstance(state, dict) else None
+        state = load_checkpoint(run_dir, which="last")
+    except CheckpointError as exc:
+        raise ConfigError(f"options.generator: {exc}") from None
+    weights = state.get(part)
     if not isinstance(weights, dict):
-        raise ConfigError(f"options.generator: {path} is not a distillkit run checkpoint")
+        raise ConfigError(f"options.generator: {run_dir} is not a distillkit run checkpoint")
     return weights
