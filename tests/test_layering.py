@@ -1,6 +1,6 @@
 """The package's layering: a module imports only from its own layer or below, and no cycles.
 
-Layers, bottom to top (see the design notes): errors < config < data, models, thinning < teachers
+Layers, bottom to top (see the design notes): errors, files < config < data, models, thinning < teachers
 < methods < engine (and report) < runner, deploy, demo < commands < cli. Imports are read with
 `ast` (module-level and function-level, absolute and relative), so nothing is imported to check.
 """
@@ -22,6 +22,8 @@ PACKAGE = "distillkit"
 LAYERS: dict[str, int] = {
     "": 0,  # the package __init__ (version only)
     "errors": 0,
+    # atomic file writes, standard library only
+    "files": 0,
     "config": 1,
     "data": 2,
     "models": 2,

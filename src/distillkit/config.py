@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import itertools
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import yaml
 
 # defined at the bottom layer so any module can raise it; re-exported for existing imports
 from distillkit.errors import ConfigError
+from distillkit.files import write_text_atomically
 
 
 @dataclass
@@ -330,16 +330,7 @@ def save_config(cfg: RunConfig, path: str | Path, history: list[str] | None = No
     header = ""
     if history:
         header = "\n".join([HISTORY_TITLE, *(HISTORY_PREFIX + h for h in history)]) + "\n"
-    text = header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomically(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def read_config_history(path: str | Path) -> list[str]:

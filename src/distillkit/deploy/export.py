@@ -12,8 +12,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from torch import nn
 from distillkit.data.datasets import Split, load_dataset
 from distillkit.data.transforms import normalize, to_float
 from distillkit.engine.checkpoint import load_checkpoint
+from distillkit.files import atomic_path
 from distillkit.models import build_model
 
 FORMATS = ("onnx", "torchscript")
@@ -364,14 +363,6 @@ def check_parity(
     }
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished temp file into place with the permissions a plain open() would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out)
-
-
 def export_run(
     target: str | Path,
     fmt: str,
@@ -397,11 +388,7 @@ def export_run(
     if fmt == "onnx":
         require_onnx()
     split = load_test_split(model, data_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(out) as tmp:
         exporter = write_model(model, fmt, tmp)
         parity = check_parity(model, open_predictor(fmt, tmp), split)
         parity["tolerance"] = tolerance
@@ -411,9 +398,6 @@ def export_run(
                 f"PyTorch and the exported {fmt} graph exceeds {tolerance:g}; {out} was not written"
             )
         size = tmp.stat().st_size
-        _publish(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportReport(out, fmt, exporter, model, size, parity)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from distillkit.engine.checkpoint import CheckpointError, resolve_checkpoint
+from distillkit.files import write_text_atomically
 from distillkit.models import count_parameters
 
 from .export import (
@@ -306,16 +306,5 @@ def write_json(path: str | Path, obj: dict[str, Any], force: bool = False) -> Pa
         raise DeployError(f"--json {path} is a directory; give a file name")
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(obj, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomically(path, json.dumps(obj, indent=2) + "\n")
     return path

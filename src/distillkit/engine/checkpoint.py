@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from distillkit.files import atomic_path
 from distillkit.models.checkpoint import (
     FORMAT,
     VERSION,
@@ -68,22 +68,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def write_atomically(payload: Any, path: Path) -> None:
-    """torch.save `payload` to `path` through a temporary file, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared run dirs from others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save `payload` to `path` whole or not at all, on disk before it takes the name."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_run_checkpoints(state: dict[str, Any], run_dir: str | Path, best: bool) -> None:

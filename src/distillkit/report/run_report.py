@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from distillkit.engine.logging import read_metrics
+from distillkit.files import atomic_path
 
 SUMMARY_FILE = "summary.md"
 CURVES_FILE = "curves.png"
@@ -105,16 +104,12 @@ def plot_run_curves(run_dir: str | Path, out_png: str | Path) -> Path:
     fig.suptitle(Path(run_dir).name, fontsize=10)
     fig.tight_layout()
     out = Path(out_png)
-    # written next to its place, then renamed: a failed plot never leaves half a file
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        # written next to its place, then renamed: a failed plot never leaves half a file
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

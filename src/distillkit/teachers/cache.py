@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from distillkit.files import atomic_path
 from distillkit.teachers.base import TeacherOutput
 
 
@@ -57,10 +57,8 @@ class CachedTeacher(nn.Module):
         """Write the cache atomically, if it has a path."""
         if self.path is None or self.values is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"values": self.values, "known": self.known, "field": self.field}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save({"values": self.values, "known": self.known, "field": self.field}, tmp)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> TeacherOutput:

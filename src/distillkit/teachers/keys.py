@@ -20,14 +20,13 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distillkit.files import write_text_atomically
 from distillkit.teachers.server_store import BudgetStore
 
 __all__ = ["BudgetStore", "KeyRecord", "KeyStore", "hash_key", "key_id_of", "new_key"]
@@ -135,11 +134,8 @@ class KeyStore:
             for r in self.records.values()
         ]
         payload = json.dumps({"keys": rows}, indent=2)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(payload + "\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        # 0600 from creation on: the file holds the hashes of every key
+        write_text_atomically(self.path, payload + "\n", mode=0o600)
         self._stamp = self._stat(self.path)
 
     def add(self, name: str, budget: int | None = None) -> str:
