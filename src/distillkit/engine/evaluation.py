@@ -20,7 +20,6 @@ from distillkit.methods.ssl_eval import (
     knn_accuracy,
     knn_predict,
     linear_probe_accuracy,
-    probe_accuracies,
     probe_accuracy,
     probe_report,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "knn_accuracy",
     "knn_predict",
     "linear_probe_accuracy",
-    "probe_accuracies",
     "probe_accuracy",
     "probe_report",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -157,19 +158,6 @@ def response_target(out: TeacherOutput, kind: str) -> torch.Tensor:
     return out.log_probs().float()
 
 
-def edge_batch(
-    images: torch.Tensor, idx: torch.Tensor, mean: Any, std: Any, device: torch.device
-) -> torch.Tensor:
-    """Normalised edge images by index, unaugmented: the teacher's answers are for these pixels."""
-    return normalize(to_float(images[idx.cpu()].to(device)), mean, std)
-
-
-def choose_edge(images: torch.Tensor, size: int, method: str, seed: int) -> torch.Tensor:
-    """Indices of the `size` edge images (uint8, N x C x H x W) to spend the budget on."""
-    feats = images.reshape(len(images), -1).numpy().astype(np.float64) / 255.0
-    return torch.from_numpy(select_queries(feats, size, method, seed))
-
-
 class BudgetedDistiller(Distiller):
     """Shared machinery: counts every image sent, keeps it in extra state, monitors on edge data."""
 
@@ -215,6 +203,26 @@ class BudgetedDistiller(Distiller):
                 [target_of(self.query(images_of(part))).cpu() for part in keys.split(chunk)]
             )
 
+    def use_edge(self, bundle: Any, seed: int) -> None:
+        """Where answers are bought: the edge's images (`bundle.train`), chosen with `seed`."""
+        self.edge = bundle.train
+        self.mean, self.std = bundle.mean, bundle.std
+        self.seed = seed
+
+    def edge_batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Normalised edge images by index, unaugmented: the teacher's answers are for these pixels."""
+        return normalize(to_float(self.edge.images[idx.cpu()].to(device)), self.mean, self.std)
+
+    def answer_edge(
+        self, size: int, device: torch.device, target_of: Callable[[TeacherOutput], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose `size` edge images (all, if fewer), ask about each once: (indices, targets)."""
+        images = self.edge.images  # uint8, N x C x H x W: chosen on their [0, 1] pixels
+        feats = images.reshape(len(images), -1).numpy().astype(np.float64) / 255.0
+        select = self.options.query_selection
+        idx = torch.from_numpy(select_queries(feats, size, select, self.seed))
+        return idx, self.query_all(idx, lambda part: self.edge_batch(part, device), target_of)
+
     @property
     def remaining(self) -> int | None:
         """Images this run may still send (None: unlimited)."""
@@ -258,25 +266,17 @@ class EdgePoolDistiller(BudgetedDistiller):
         super().__init__(student, teacher, options, bundle.num_classes)
         self.kind = "hard" if options.response == "hard" or teacher.kind == "hard" else "soft"
         self.temperature = temperature
-        self.seed = seed
-        self.edge = bundle.train
-        self.mean, self.std = bundle.mean, bundle.std
+        self.use_edge(bundle, seed)
         self.pool_idx: torch.Tensor | None = None
         self.pool_t: torch.Tensor | None = None
 
     def build_pool(self, device: torch.device) -> None:
         """Choose the images to spend the budget on and query them once."""
-        n = len(self.edge)
-        size = n if self.remaining is None else min(n, self.remaining)
+        size = len(self.edge) if self.remaining is None else self.remaining
         if size < 1:
             raise BudgetExceededError("no query budget left to build the answered pool")
-        idx = choose_edge(self.edge.images, size, self.options.query_selection, self.seed)
-        self.pool_t = self.query_all(
-            idx,
-            lambda part: edge_batch(self.edge.images, part, self.mean, self.std, device),
-            lambda out: response_target(out, self.kind),
-        )
-        self.pool_idx = idx
+        target = partial(response_target, kind=self.kind)
+        self.pool_idx, self.pool_t = self.answer_edge(size, device, target)
 
     def extra_state(self) -> dict[str, Any]:
         """Spent count plus the answered pool."""
@@ -299,7 +299,7 @@ class EdgePoolDistiller(BudgetedDistiller):
         x, _, _ = batch
         sel = self.draw_pool(x)
         assert self.pool_idx is not None and self.pool_t is not None
-        xp = edge_batch(self.edge.images, self.pool_idx[sel], self.mean, self.std, x.device)
+        xp = self.edge_batch(self.pool_idx[sel], x.device)
         target = self.pool_t[sel].to(x.device)
         logits = self.student(xp)
         if self.kind == "hard":

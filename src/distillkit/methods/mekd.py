@@ -89,8 +89,6 @@ from distillkit.methods.base import Batch, OptimizerConfig, SetupContext
 from distillkit.methods.blackbox import (
     BudgetedDistiller,
     check_single_process,
-    choose_edge,
-    edge_batch,
     make_teacher,
     select_queries,
 )
@@ -147,8 +145,7 @@ class MEKD(BudgetedDistiller):
         if options.min_confidence > 0 and self.kind == "hard":  # a label carries no confidence
             raise ConfigError("options.min_confidence needs soft answers, not labels")
         self.options: MEKDOptions = options
-        self.seed = seed
-        self.mean, self.std = bundle.mean, bundle.std
+        self.use_edge(bundle, seed)
         self.generator = Generator(
             bundle.num_classes, bundle.in_channels, bundle.image_size, options.gen_width
         )
@@ -172,7 +169,6 @@ class MEKD(BudgetedDistiller):
         self.pool_z: torch.Tensor | None = None
         self._pool_x: torch.Tensor | None = None  # pool_z's images (a cache, see pool_images)
         self.pool_t: torch.Tensor | None = None
-        self.edge = bundle.train
         self.edge_idx: torch.Tensor | None = None
         self.edge_t: torch.Tensor | None = None
         self.transfer_ready = False  # build_transfer_set has run (edge answers may come earlier)
@@ -315,15 +311,10 @@ class MEKD(BudgetedDistiller):
         """No budget and no transfer_size: generated images are asked fresh at every step."""
         return self.options.budget is None and self.options.transfer_size is None
 
-    def answer_edge(self, n: int, device: torch.device) -> None:
-        """Choose n edge images by query_selection and ask the teacher about each once."""
-        idx = choose_edge(self.edge.images, n, self.options.query_selection, self.seed)
-        self.edge_t = self.query_all(
-            idx,
-            lambda part: edge_batch(self.edge.images, part, self.mean, self.std, device),
-            partial(teacher_vector, num_classes=self.num_classes),
-        )
-        self.edge_idx = idx
+    def answer_edge_images(self, n: int, device: torch.device) -> None:
+        """Buy answers for n edge images (`answer_edge`), kept as edge_idx and edge_t."""
+        target = partial(teacher_vector, num_classes=self.num_classes)
+        self.edge_idx, self.edge_t = self.answer_edge(n, device, target)
 
     def answer_edge_first(self, device: torch.device) -> None:
         """Ask about every edge image the budget allows, once (nothing when already bought)."""
@@ -333,7 +324,7 @@ class MEKD(BudgetedDistiller):
         assert size is not None
         if size < 1:
             raise BudgetExceededError("no query budget left for MEKD's edge answers")
-        self.answer_edge(min(len(self.edge), size), device)
+        self.answer_edge_images(size, device)
 
     def transfer_size(self) -> int | None:
         """Images the transfer set may hold, edge answers already bought included."""
@@ -372,7 +363,7 @@ class MEKD(BudgetedDistiller):
             size -= len(self.edge_t)
         elif o.edge_share > 0:
             n_edge = min(len(self.edge), max(1, round(o.edge_share * size)))
-            self.answer_edge(n_edge, device)
+            self.answer_edge_images(n_edge, device)
             size -= n_edge
         if o.edge_share >= 1.0 or size < 1:  # edge rows only: buy no generated image
             self.pool_z, self.pool_t = torch.zeros(0, self.num_classes), None
@@ -436,9 +427,7 @@ class MEKD(BudgetedDistiller):
             generated = fresh or self.pool_t is not None
             n_edge = round(self.options.edge_share * n) if generated else n
             sel = torch.randint(len(self.edge_idx), (n_edge,))[rows[rows < n_edge]]
-            parts_x.append(
-                edge_batch(self.edge.images, self.edge_idx[sel], self.mean, self.std, device)
-            )
+            parts_x.append(self.edge_batch(self.edge_idx[sel], device))
             assert self.edge_t is not None
             parts_t.append(self.edge_t[sel].to(device))
         mine = rows[rows >= n_edge] - n_edge

@@ -167,15 +167,3 @@ def probe_report(
         "linear_acc": probe_accuracy(weight, bias, te, test.labels),
     }
     return accs, (weight, bias)
-
-
-def probe_accuracies(
-    backbone: nn.Module,
-    train: Split,
-    test: Split,
-    bundle: DataBundle,
-    device: torch.device,
-    **kwargs: float | int,
-) -> dict[str, float]:
-    """k-NN and linear-probe accuracy (%) on `test` of a frozen backbone's features of `train`."""
-    return probe_report(backbone, train, test, bundle, device, **kwargs)[0]  # type: ignore[arg-type]

@@ -111,7 +111,14 @@ from distillkit.errors import ConfigError
 from distillkit.methods.base import Batch, Distiller
 from distillkit.methods.losses import check_alpha, check_temperature, kd_kl
 from distillkit.methods.registry import register_method
-from distillkit.models.stagewise import Block, Connector, make_connector, pair_blocks, split_blocks
+from distillkit.models.stagewise import (
+    Block,
+    Connector,
+    even_sizes,
+    make_connector,
+    pair_blocks,
+    split_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -126,11 +133,6 @@ class Stage:
         """'s1_b2' for one block, 's2_b0-1' for a merged group (stages count from 1)."""
         a, b = group[0], group[-1]
         return f"s{self.index + 1}_b{a}" if a == b else f"s{self.index + 1}_b{a}-{b}"
-
-
-def _even_sizes(n: int, k: int) -> list[int]:
-    base, extra = divmod(n, k)
-    return [base + (1 if i < extra else 0) for i in range(k)]
 
 
 def _bounds(sizes: list[int]) -> set[int]:
@@ -157,7 +159,7 @@ def stage_sizes(
                 f"options.blocks_per_stage: no stage may have more blocks than the first "
                 f"({n}), got {blocks_per_stage}"
             )
-        sizes = [_even_sizes(n, k) for k in blocks_per_stage]
+        sizes = [even_sizes(n, k) for k in blocks_per_stage]
         key = "options.blocks_per_stage"
     if any(not s or any(v < 1 for v in s) for s in sizes):
         raise ValueError(f"{key}: every stage needs group sizes >= 1, got {sizes}")
@@ -202,7 +204,7 @@ def build_schedule(
             raise ValueError(
                 f"epochs={total_epochs} is fewer than the {len(sizes)} stages of the schedule"
             )
-        epochs = _even_sizes(total_epochs, len(sizes))
+        epochs = even_sizes(total_epochs, len(sizes))
     stages = []
     for i, (s, e) in enumerate(zip(sizes, epochs)):
         starts = [0, *accumulate(s)]

@@ -186,7 +186,8 @@ def split_model(model: nn.Module) -> list[Block]:
     return blocks
 
 
-def _even_sizes(n_items: int, n_groups: int) -> list[int]:
+def even_sizes(n_items: int, n_groups: int) -> list[int]:
+    """`n_items` split into `n_groups` sizes that differ by at most one, the larger ones first."""
     base, extra = divmod(n_items, n_groups)
     return [base + (1 if i < extra else 0) for i in range(n_groups)]
 
@@ -231,7 +232,7 @@ def group_blocks(blocks: Sequence[Block], num_blocks: int) -> list[Block]:
     else:
         num_groups = num_blocks
     groups, start = [], 0
-    for size in _even_sizes(len(units), num_groups):
+    for size in even_sizes(len(units), num_groups):
         groups.append([b for unit in units[start : start + size] for b in unit])
         start += size
     return [merge_blocks(g) for g in groups + head]
