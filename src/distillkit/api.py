@@ -4,15 +4,10 @@ Both write the same run directory as the CLI (config.yaml, metrics, checkpoints,
 curves.png) and return the run's summary. Keyword arguments are either run-level config keys
 (`epochs`, `lr`, `out_dir`, ...) or options of the method (`temperature`, `alpha`, ...).
 
-What a later process needs is recorded by reference, never by pickling objects:
-- a module's class as `path/to/file.py:Name` (single-file modules) or `package.module:Name`, with
-  `model_kwargs` as its constructor arguments; a class defined in `__main__` or inside a function
-  is recorded as such, and evaluate/resume say that it needs an importable file;
-- a teacher module whose class can be rebuilt that way is saved as RUN_DIR/teacher_weights.pt
-  and recorded as `teacher_model` + `teacher_weights`; any other teacher module is used as given
-  and not recorded (resume then needs teacher=...);
-- data given as objects are recorded as dataset 'in-memory' and not stored (evaluate and resume
-  then need the data named: `--dataset` / `dataset=`).
+What a later process needs is recorded by reference, never by pickling objects: a module's class
+as an import spec with `model_kwargs`, a teacher module that rebuilds so as `teacher_model` +
+RUN_DIR/teacher_weights.pt, data given as objects as dataset 'in-memory' (not stored); README's
+"Python API" says what evaluate and resume then need.
 """
 
 from __future__ import annotations
@@ -109,15 +104,12 @@ def route_keywords(fn: str, method: str, given: dict[str, Any]) -> dict[str, Any
         elif key in opt_keys:
             opts[key] = value
         else:
-            unknown.append(key)
-    if unknown:
-        hints = []
-        for key in unknown:
             close = difflib.get_close_matches(key, run_keys + opt_keys, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if unknown:
         listed = ", ".join(opt_keys) or "none"
         raise ConfigError(
-            f"distillkit.{fn}(): unknown keyword {', '.join(hints)}; keywords are run keys "
+            f"distillkit.{fn}(): unknown keyword {', '.join(unknown)}; keywords are run keys "
             f"(RunConfig: epochs, lr, batch_size, out_dir, ...) or options of method "
             f"'{method}' ({listed})"
         )
@@ -163,20 +155,6 @@ def rebuild_problem(
         if mine.get(key) != theirs.get(key):
             return f"'{key}' is {mine.get(key, 'absent')} here, {theirs.get(key, 'absent')} rebuilt"
     return None
-
-
-def _record_student(student: nn.Module, kwargs: dict[str, Any], bundle: DataBundle, fn: str) -> str:
-    spec, importable = module_spec(student)
-    if importable:
-        problem = rebuild_problem(spec, student, kwargs, bundle)
-        if problem:
-            warnings.warn(
-                f"distillkit.{fn}(): {spec} with model_kwargs={kwargs} does not rebuild the "
-                f"given model ({problem}); evaluate/resume/export in another process will fail "
-                "unless model_kwargs holds its constructor arguments",
-                stacklevel=3,
-            )
-    return spec
 
 
 # -- data given as objects -------------------------------------------------------------------------
@@ -285,7 +263,15 @@ def _run(
     objects = RunObjects(bundle=bundle)
     notes = []
     if isinstance(model, nn.Module):
-        spec = _record_student(model, dict(cfg.model_kwargs), bundle, fn)
+        spec, importable = module_spec(model)
+        problem = rebuild_problem(spec, model, cfg.model_kwargs, bundle) if importable else None
+        if problem:
+            warnings.warn(
+                f"distillkit.{fn}(): {spec} with model_kwargs={cfg.model_kwargs} does not "
+                f"rebuild the given model ({problem}); evaluate/resume/export in another process "
+                "will fail unless model_kwargs holds its constructor arguments",
+                stacklevel=2,
+            )
         cfg = dataclasses.replace(cfg, model=spec)
         objects.student = model
     elif not isinstance(model, str):
@@ -293,8 +279,7 @@ def _run(
     teacher_weights = None
     if isinstance(teacher, nn.Module):
         spec, importable = module_spec(teacher)
-        kwargs = dict(cfg.teacher_model_kwargs)
-        if importable and rebuild_problem(spec, teacher, kwargs, bundle) is None:
+        if importable and rebuild_problem(spec, teacher, cfg.teacher_model_kwargs, bundle) is None:
             teacher_weights = cfg.run_dir() / TEACHER_WEIGHTS_FILE
             weights = str(teacher_weights.absolute())
             cfg = dataclasses.replace(cfg, teacher_model=spec, teacher_weights=weights)

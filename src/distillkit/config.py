@@ -127,10 +127,6 @@ TEACHER_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 # what a value of these annotated types must be, as error messages name it
 _EXPECTED = {bool: "true/false", int: "an integer", str: "a string"}
 
@@ -146,7 +142,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if arg is not type(None):
                 with contextlib.suppress(ConfigError):
                     return _coerce(key, value, arg)
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
     if tp is Any:
         return value
     if origin is list:
@@ -242,7 +239,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.safe_load(raw)  # None for an empty value
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -264,11 +261,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from a (possibly partial) dict, checking its run-level keys.
-
-    Model, dataset and method names and the method's options are checked by the runner
-    (`runner.check_config`), which knows them.
-    """
+    """Build a RunConfig from a (possibly partial) dict, checking its run-level keys only."""
     if not isinstance(data, dict):
         raise ConfigError(
             f"a config must be a mapping of keys to values, got {type(data).__name__}"
@@ -326,7 +319,6 @@ HISTORY_PREFIX = "#   "
 
 def save_config(cfg: RunConfig, path: str | Path, history: list[str] | None = None) -> None:
     """Write the resolved config as YAML (atomically), `history` as a comment header."""
-    path = Path(path)
     header = ""
     if history:
         header = "\n".join([HISTORY_TITLE, *(HISTORY_PREFIX + h for h in history)]) + "\n"

@@ -139,8 +139,7 @@ def unreloadable_model(spec: str) -> str | None:
 
 def _check_teacher_keys(cfg: RunConfig, spec_has_teacher: bool) -> None:
     """The teacher_* keys fit together and fit the kind of teacher named."""
-    external = is_external_teacher(cfg)
-    if external or cfg.teacher_weights or cfg.teacher_model_kwargs:
+    if is_external_teacher(cfg) or cfg.teacher_weights or cfg.teacher_model_kwargs:
         ExternalTeacherSpec.from_any(cfg).validate()
         return
     given = [k for k in ("teacher_kind", "teacher_input", "teacher_budget") if getattr(cfg, k)]
@@ -189,8 +188,7 @@ def check_config(cfg: RunConfig, objects: RunObjects | None = None) -> Any:
     spec = get_method(cfg.method)
     # the teacher keys first: a key missing its partner says more than "needs a teacher"
     _check_teacher_keys(cfg, objects.teacher is not None)
-    has_teacher = bool(cfg.teacher or cfg.teacher_model or objects.teacher is not None)
-    if spec.needs_teacher and not has_teacher:
+    if spec.needs_teacher and not (cfg.teacher or cfg.teacher_model or objects.teacher is not None):
         raise ConfigError(
             f"method '{cfg.method}' needs a teacher: set teacher=RUN_DIR_OR_CHECKPOINT, a "
             "TorchScript/.onnx file, or teacher_model= with teacher_weights="
@@ -357,9 +355,8 @@ def prepare(
     # the student is built after seeding so every rank (and every rerun) starts from the same weights
     torch.manual_seed(cfg.seed)
     student = objects.student if objects.student is not None else build_student(cfg, bundle)
-    entries = len(bundle.train) * bundle.num_classes
     if teacher is not None and teacher_cache_enabled(
-        cfg, get_method(cfg.method).teacher_cache, entries
+        cfg, get_method(cfg.method).teacher_cache, len(bundle.train) * bundle.num_classes
     ):
         cache_path = run_dir / "teacher_cache" / f"{bundle.name}_train_rank{ctx.rank}.pt"
         teacher = CachedTeacher(teacher, len(bundle.train), cache_path)
@@ -407,26 +404,29 @@ def record_split(p: Prepared) -> None:
 
 
 def _execute(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]:
-    trainer = Trainer(
-        p.cfg, p.distiller, p.bundle, p.device, p.run_dir, p.ctx, p.train_indices, p.model_meta
-    )
     try:
-        if resume_state is not None:
-            trainer.load_state(resume_state)
-        summary = trainer.fit()
-        teacher = p.distiller.teacher
-        if isinstance(teacher, CachedTeacher):
-            teacher.save()
-        if p.ctx.is_main:
-            write_run_report(p.run_dir, summary)
-        return summary
-    finally:
-        # order matters with gloo: barrier and destroy the group first, then drop the DDP wrapper
-        # and collect it, or the process can abort at interpreter exit
-        shutdown_distributed(p.ctx)
-        trainer.close()
-        del trainer
-        gc.collect()
+        trainer = Trainer(
+            p.cfg, p.distiller, p.bundle, p.device, p.run_dir, p.ctx, p.train_indices, p.model_meta
+        )
+        try:
+            if resume_state is not None:
+                trainer.load_state(resume_state)
+            summary = trainer.fit()
+            teacher = p.distiller.teacher
+            if isinstance(teacher, CachedTeacher):
+                teacher.save()
+            if p.ctx.is_main:
+                write_run_report(p.run_dir, summary)
+            return summary
+        finally:
+            # order matters with gloo: barrier and destroy the group first, then drop the DDP
+            # wrapper and collect it, or the process can abort at interpreter exit
+            shutdown_distributed(p.ctx)
+            trainer.close()
+            del trainer
+            gc.collect()
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_message(p.run_dir)) from None
 
 
 def interrupted_message(run_dir: Path) -> str:
@@ -435,13 +435,6 @@ def interrupted_message(run_dir: Path) -> str:
     if ckpt.is_file():
         return f"interrupted; last checkpoint: {ckpt}; continue with `distillkit resume {run_dir}`"
     return f"interrupted before the first checkpoint of {run_dir} was written; nothing to resume"
-
-
-def _execute_interruptible(p: Prepared, resume_state: dict[str, Any] | None) -> dict[str, Any]:
-    try:
-        return _execute(p, resume_state)
-    except KeyboardInterrupt:
-        raise RunInterrupted(interrupted_message(p.run_dir)) from None
 
 
 def refuse_existing_run(cfg: RunConfig) -> None:
@@ -479,18 +472,17 @@ def run_prepared(p: Prepared, history: list[str] | None = None) -> dict[str, Any
             np.save(p.run_dir / "subset_indices.npy", np.asarray(p.train_indices, dtype=np.int64))
         record_split(p)
     barrier(p.ctx)
-    return _execute_interruptible(p, None)
+    return _execute(p, None)
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Continue a run exactly where its last checkpoint left it (optionally with more epochs)."""
     run_dir = Path(run_dir)
-    state = load_checkpoint(resolve_checkpoint(run_dir, which="last"))
+    state = load_checkpoint(run_dir, which="last")
     data = dict(state["config"])
     data["out_dir"] = str(run_dir)
     data.update(overrides or {})
     cfg = canonical_config(config_from_dict(data))
-    check_config(cfg)
     trained = int(state["epoch"])
     if cfg.epochs < trained:
         # training would not run, yet config.yaml would claim fewer epochs than the weights saw
@@ -511,26 +503,21 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     if p.ctx.is_main:
         record_split(p)
         save_config(cfg, run_dir / "config.yaml", history)
-    return _execute_interruptible(p, state)
-
-
-def _rebuild(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """model_from_checkpoint, saying why a model recorded from a Python object cannot be rebuilt."""
-    try:
-        return model_from_checkpoint(path, which="best")
-    except ValueError as exc:
-        meta = load_checkpoint(path, which="best").get("model_meta") or {}
-        problem = unreloadable_model(str(meta.get("name", "")))
-        if problem:
-            raise ConfigError(problem) from None
-        raise exc
+    return _execute(p, state)
 
 
 def evaluate_checkpoint(
     path: str | Path, data_dir: str | None = None, device: str = "auto", dataset: str | None = None
 ) -> dict[str, Any]:
     """Accuracy and loss of a saved model on its dataset's test split (or on `dataset`'s)."""
-    model, state = _rebuild(path)
+    try:
+        model, state = model_from_checkpoint(path, which="best")
+    except ValueError:
+        meta = load_checkpoint(path, which="best").get("model_meta") or {}
+        problem = unreloadable_model(str(meta.get("name", "")))
+        if problem:
+            raise ConfigError(problem) from None
+        raise
     meta = state["model_meta"]
     config = state.get("config") or {}
     name = dataset or meta["dataset"]
@@ -555,8 +542,3 @@ def evaluate_checkpoint(
         "test_loss": result["loss"],
         "test_images": len(bundle.test),
     }
-
-
-def format_json(obj: dict[str, Any]) -> str:
-    """Pretty JSON for the console."""
-    return json.dumps(obj, indent=2, default=str)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 from distillkit.commands.common import add_run_args
 from distillkit.commands.train import run_config
@@ -14,9 +15,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distill", help="distill a student from a teacher (method=kd by default)"
     )
     add_run_args(p)
-    p.set_defaults(func=cmd_distill)
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    """distill: like train, with method=kd unless one is given; ce is refused."""
-    return run_config(args, default_method="kd")
+    # like train, with method=kd unless one is given; ce is refused
+    p.set_defaults(func=functools.partial(run_config, default_method="kd"))

@@ -155,11 +155,7 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown_distributed(ctx: DistContext) -> None:
-    """Leave the process group cleanly.
-
-    With gloo, a DDP module still alive at interpreter exit can abort the process; callers drop
-    their DDP wrapper before this, and we collect garbage after destroying the group.
-    """
+    """Leave the process group cleanly (gloo can abort at exit while a DDP module is alive)."""
     if ctx.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

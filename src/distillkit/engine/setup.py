@@ -18,14 +18,11 @@ from distillkit.errors import ConfigError
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' picks cuda (this rank's GPU), then mps, then cpu; explicit names are checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+    if name == "auto" and not torch.cuda.is_available():
+        mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        return torch.device("mps" if mps else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device("cuda" if name == "auto" else name)
     except RuntimeError as exc:
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from exc
     if device.type == "cuda":

@@ -191,10 +191,9 @@ class Trainer:
         for model in frozen:
             fold_frozen_batchnorm(model)
         student = d.student if isinstance(d.student, nn.Module) else None
-        student_cl = student is not None and use_channels_last(
+        if student is not None and use_channels_last(
             cfg.channels_last, student, self.device, self.amp
-        )
-        if student_cl:
+        ):
             for child in d.children():
                 if child is not teacher:
                     child.to(memory_format=cl)
@@ -313,12 +312,9 @@ class Trainer:
         both = torch.cat([flat, has])
         dist.all_reduce(both)
         flat, has = both[: flat.numel()] / self.ctx.world_size, both[flat.numel() :]
-        offset = 0
-        for p, h in zip(grads, has.tolist()):
-            n = p.numel()
+        for p, h, grad in zip(grads, has.tolist(), flat.split([q.numel() for q in grads])):
             if h > 0:
-                p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+                p.grad = grad.view_as(p).clone()
 
     # -- loop ------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -394,12 +390,11 @@ class Trainer:
             self._check_finite(sum(sums.values()), sums)
         names = sorted(sums)
         local = [float(sums[n]) for n in names] + [float(correct), float(scored), float(count)]
-        totals = all_reduce_sum(local, self.ctx, self.device)
-        count, scored = totals[-1], totals[-2]
-        out = {f"loss_{n}": totals[i] / count for i, n in enumerate(names)}
+        *terms, correct, scored, count = all_reduce_sum(local, self.ctx, self.device)
+        out = {f"loss_{n}": total / count for n, total in zip(names, terms)}
         out["train_loss"] = sum(out.values())
         if scored > 0:
-            out["train_acc"] = 100.0 * totals[-3] / scored
+            out["train_acc"] = 100.0 * correct / scored
         out["train_images"] = count
         return out
 
@@ -423,9 +418,7 @@ class Trainer:
         """The method's own evaluation, or the student's test accuracy and loss; `score` ranks."""
         own = self.distiller.evaluate()
         if own is not None:
-            out = dict(own)
-            out.setdefault("score", out.get("test_acc", 0.0))
-            return out
+            return {"score": own.get("test_acc", 0.0), **own}
         test = evaluate(
             self.distiller.deployable(),
             self.bundle.test,
@@ -447,14 +440,12 @@ class Trainer:
             stats.update(self.distiller.on_epoch_end(self.epoch))
             self.epoch += 1
             final = self.epoch == self.cfg.epochs
-            improved = False
             row: dict[str, Any] = {"epoch": self.epoch, **stats}
             if final or self.epoch % max(1, self.cfg.eval_every) == 0:
                 self.last_eval = self.evaluate()
                 row.update({k: v for k, v in self.last_eval.items() if k != "score"})
                 if self.last_eval["score"] > self.best_score:
                     self.best_score, self.best_epoch = self.last_eval["score"], self.epoch
-                    improved = True
             row["lr"] = self.opts[0].optimizer.param_groups[0]["lr"]  # the first optimizer's
             row["epoch_time"] = time.perf_counter() - t0
             row["images_per_sec"] = stats_rate(self.images_seen, self.train_time)
@@ -462,6 +453,7 @@ class Trainer:
             self.logger.log(row)
             if not self.cfg.quiet and self.ctx.is_main:
                 self._print_epoch(stats, row)
+            improved = self.best_epoch == self.epoch
             if self.ctx.is_main and (
                 final or improved or self.epoch % max(1, self.cfg.save_every) == 0
             ):
@@ -502,19 +494,17 @@ class Trainer:
             "best_epoch": self.best_epoch,
         }
         out.update({k: v for k, v in self.last_eval.items() if k not in out and k != "score"})
-        out.update(
-            {
-                "wall_time_s": self.wall_offset + (time.perf_counter() - self._start),
-                "train_time_s": self.train_time,
-                "images_per_sec": stats_rate(self.images_seen, self.train_time),
-                "teacher_queries": self._queries_total(),
-                "train_samples": len(self.loader.base_indices),
-                "world_size": self.ctx.world_size,
-                "device": str(self.device),
-                "amp": self.amp,  # what amp=auto resolved to on this device
-            }
-        )
-        return out
+        return {
+            **out,
+            "wall_time_s": self.wall_offset + (time.perf_counter() - self._start),
+            "train_time_s": self.train_time,
+            "images_per_sec": stats_rate(self.images_seen, self.train_time),
+            "teacher_queries": self._queries_total(),
+            "train_samples": len(self.loader.base_indices),
+            "world_size": self.ctx.world_size,
+            "device": str(self.device),
+            "amp": self.amp,  # what amp=auto resolved to on this device
+        }
 
     def close(self) -> None:
         """Drop the DDP wrapper and the method's link back (clean gloo shutdown, no cycle)."""
