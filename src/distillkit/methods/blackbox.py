@@ -195,12 +195,11 @@ class BudgetedDistiller(Distiller):
         keys: torch.Tensor,
         images_of: Callable[[torch.Tensor], torch.Tensor],
         target_of: Callable[[TeacherOutput], torch.Tensor],
-        chunk: int = 1024,
     ) -> torch.Tensor:
-        """Ask the teacher about images_of(part) for every chunk of keys; the targets, on the CPU."""
+        """Ask the teacher about images_of(part) for every 1024 keys; the targets, on the CPU."""
         with torch.no_grad():
             return torch.cat(
-                [target_of(self.query(images_of(part))).cpu() for part in keys.split(chunk)]
+                [target_of(self.query(images_of(part))).cpu() for part in keys.split(1024)]
             )
 
     def use_edge(self, bundle: Any, seed: int) -> None:
@@ -210,7 +209,7 @@ class BudgetedDistiller(Distiller):
         self.seed = seed
 
     def edge_batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Normalised edge images by index, unaugmented: the teacher's answers are for these pixels."""
+        """Normalised edge images by index, unaugmented: the pixels the teacher answered for."""
         return normalize(to_float(self.edge.images[idx.cpu()].to(device)), self.mean, self.std)
 
     def answer_edge(
@@ -270,14 +269,6 @@ class EdgePoolDistiller(BudgetedDistiller):
         self.pool_idx: torch.Tensor | None = None
         self.pool_t: torch.Tensor | None = None
 
-    def build_pool(self, device: torch.device) -> None:
-        """Choose the images to spend the budget on and query them once."""
-        size = len(self.edge) if self.remaining is None else self.remaining
-        if size < 1:
-            raise BudgetExceededError("no query budget left to build the answered pool")
-        target = partial(response_target, kind=self.kind)
-        self.pool_idx, self.pool_t = self.answer_edge(size, device, target)
-
     def extra_state(self) -> dict[str, Any]:
         """Spent count plus the answered pool."""
         return {**super().extra_state(), "pool_idx": self.pool_idx, "pool_t": self.pool_t}
@@ -289,16 +280,18 @@ class EdgePoolDistiller(BudgetedDistiller):
 
     def draw_pool(self, x: torch.Tensor) -> torch.Tensor:
         """Pool rows for this step: drawn for the global batch, this process's rows kept."""
-        if self.pool_idx is None:
-            self.build_pool(x.device)
-        assert self.pool_idx is not None
+        if self.pool_idx is None:  # the first step buys the pool, once
+            size = len(self.edge) if self.remaining is None else self.remaining
+            if size < 1:
+                raise BudgetExceededError("no query budget left to build the answered pool")
+            target = partial(response_target, kind=self.kind)
+            self.pool_idx, self.pool_t = self.answer_edge(size, x.device, target)
         return take_rows(torch.randint(len(self.pool_idx), (draw_size(x),)), x)
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss on a draw from the answered pool; logits on the edge batch for monitoring."""
         x, _, _ = batch
         sel = self.draw_pool(x)
-        assert self.pool_idx is not None and self.pool_t is not None
         xp = self.edge_batch(self.pool_idx[sel], x.device)
         target = self.pool_t[sel].to(x.device)
         logits = self.student(xp)

@@ -1,4 +1,4 @@
-"""FitNets (Romero et al., 2015): regress a teacher feature map from a student one via an adapter."""
+"""FitNets (Romero et al., 2015): regress a teacher feature map from a student's via an adapter."""
 
 from __future__ import annotations
 

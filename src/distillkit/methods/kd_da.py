@@ -84,49 +84,40 @@ class KDDA(Distiller):
         """Teacher log-probabilities at T = 1: what augmentations score samples with."""
         return self.ask(x, idx).log_probs(self.num_classes)
 
-    def augment(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x' and, when the augmentation already asked the teacher, its log-probabilities on x'."""
-        aug = self.augmentation
-        out = aug.augment(
-            x,
-            mean=self.mean,
-            std=self.std,
-            teacher=self.teacher_log_probs if aug.needs_teacher else None,
-            student=student_scorer(self.student) if aug.needs_student else None,
-            temperature=self.temperature,
-        )
-        return out.x, out.teacher_log_probs
-
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE on labels, KD on x, KD on x' against the teacher's output on x'."""
         x, y, idx = batch
+        aug = self.augmentation
         out = self.ask(x, idx)
         logits = self.student(x)
         losses = {
             "ce": self.w_ce * F.cross_entropy(logits, y),
-            "kd": self.w_kd * self.kd_term(logits, out),
+            "kd": self.w_kd * kd_loss(logits, out, self.temperature, self.num_classes),
         }
         # the identity's x' = x: the second term equals the first, no need for two more forwards
         logits_aug, out_aug = logits, out
-        if not self.augmentation.is_identity:
-            x_aug, t_lp_aug = self.augment(x)
-            out_aug = self.ask(x_aug) if t_lp_aug is None else reused_answer(t_lp_aug, is_hard(out))
-            logits_aug = self.student(x_aug)
-        losses["kd_aug"] = self.w_kd * self.kd_term(logits_aug, out_aug)
+        if not aug.is_identity:
+            extra = aug.augment(
+                x,
+                mean=self.mean,
+                std=self.std,
+                teacher=self.teacher_log_probs if aug.needs_teacher else None,
+                student=student_scorer(self.student) if aug.needs_student else None,
+                temperature=self.temperature,
+            )
+            # an augmentation that scored x' with the teacher returns its answer: not asked twice
+            t_lp = extra.teacher_log_probs
+            if t_lp is None:
+                out_aug = self.ask(extra.x)
+            elif is_hard(out):  # the augmentation saw the floored one-hot: its argmax is the label
+                out_aug = TeacherOutput(labels=t_lp.argmax(dim=1))
+            else:  # log p are logits up to a per-row constant, which the tempered softmax ignores
+                out_aug = TeacherOutput(logits=t_lp)
+            logits_aug = self.student(extra.x)
+        losses["kd_aug"] = self.w_kd * kd_loss(
+            logits_aug, out_aug, self.temperature, self.num_classes
+        )
         return logits, losses
-
-    def kd_term(self, logits: torch.Tensor, out: TeacherOutput) -> torch.Tensor:
-        """T^2 * KL to the teacher's answer, by the same rule as method kd."""
-        return kd_loss(logits, out, self.temperature, self.num_classes)
-
-
-def reused_answer(log_probs: torch.Tensor, hard: bool) -> TeacherOutput:
-    """The teacher's answer rebuilt from the log-probabilities an augmentation scored with."""
-    if hard:
-        # the augmentation saw the floored one-hot; its argmax is exactly the teacher's label
-        return TeacherOutput(labels=log_probs.argmax(dim=1))
-    # log p are logits up to a per-row constant, which the tempered softmax ignores
-    return TeacherOutput(logits=log_probs)
 
 
 @register_method(

@@ -19,11 +19,10 @@ def kd_kl(
     one-hot re-tempered at T > 1 spreads mass over the other classes; use `kd_loss`.
     """
     _check_shapes(student_logits, teacher_log_probs)
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_log_probs.float() / t, dim=1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_log_probs.float() / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
-    return kl * (t * t)
+    return kl * (temperature * temperature)
 
 
 def is_hard(out: TeacherOutput) -> bool:
@@ -39,7 +38,6 @@ def kd_target(
     A label carries no confidence to soften, so its target is the one-hot vector at every T.
     """
     if is_hard(out):
-        assert out.labels is not None
         if num_classes is None:
             raise ValueError("num_classes is needed to turn hard labels into targets")
         return F.one_hot(out.labels.long(), num_classes).float()
@@ -53,14 +51,13 @@ def kd_loss(
     num_classes: int | None = None,
 ) -> torch.Tensor:
     """T^2 * KL(kd_target || p_s^T), batch mean, for any teacher answer (logits, probs, labels)."""
-    t = temperature
     if not is_hard(out):
-        return kd_kl(student_logits, out.log_probs(num_classes), t)
-    target = kd_target(out, t, num_classes or student_logits.shape[1])
+        return kd_kl(student_logits, out.log_probs(num_classes), temperature)
+    target = kd_target(out, temperature, num_classes or student_logits.shape[1])
     _check_shapes(student_logits, target)
     # a one-hot target has zero entropy: the KL is the tempered student's cross-entropy
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    return -(target * log_p_s).sum(dim=1).mean() * (t * t)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return -(target * log_p_s).sum(dim=1).mean() * (temperature * temperature)
 
 
 def _check_shapes(student_logits: torch.Tensor, teacher: torch.Tensor) -> None:

@@ -114,17 +114,6 @@ from distillkit.methods.registry import register_method
 from distillkit.teachers.base import BudgetExceededError
 
 
-def student_lr_factor(cfg: Any, step: int, steps_per_epoch: int, gan_epochs: int) -> float:
-    """The student's schedule factor, counted from the first distillation step.
-
-    The student idles through the GAN epochs, so its warm-up, cosine or step milestones span the
-    `epochs - gan_epochs` epochs it trains in; during the GAN phase the factor is that of the first
-    distillation step (reported as `lr`, never used).
-    """
-    start = gan_epochs * steps_per_epoch
-    return lr_factor(cfg, max(0, step - start), steps_per_epoch, cfg.epochs - gan_epochs)
-
-
 class MEKD(BudgetedDistiller):
     """Deprivatization (GAN + IM) then distillation through the frozen generator."""
 
@@ -157,6 +146,8 @@ class MEKD(BudgetedDistiller):
             options.spectral_norm,
         )
         self.augment = parse_augment(options.diff_augment)
+        # what an answer is kept as: log-probabilities, or the one-hot label (teacher_vector)
+        self.answer_vector = partial(teacher_vector, num_classes=bundle.num_classes)
         self.stats: dict[str, float] = {}  # this epoch's diagnostic sums (reset at epoch start)
         self.phase = "gan" if options.gan_epochs > 0 else "distill"
         self.im_batch = options.im_batch or batch_size
@@ -184,16 +175,19 @@ class MEKD(BudgetedDistiller):
             self.im_every = math.ceil(total_steps / planned) if planned > 0 else 0
 
     def configure_optimizers(self) -> list[OptimizerConfig]:
-        """The student's (the run's optimizer, schedule from distillation start), G's and D's Adam."""
+        """The run's optimizer for the student (schedule from distillation start), G's, D's Adam."""
         if self.context is None:
             raise RuntimeError("MEKD.configure_optimizers needs setup(ctx) first")
         cfg, spe, o = self.context.cfg, self.context.steps_per_epoch, self.options
         params = [p for p in self.student.parameters() if p.requires_grad]
         betas = (o.gan_beta1, o.gan_beta2)
+        # the student idles through the GAN epochs: its warm-up and schedule span the epochs it
+        # trains in; in the GAN phase the factor is the first distillation step's (shown, unused)
+        start, epochs = o.gan_epochs * spe, cfg.epochs - o.gan_epochs
         return [
             OptimizerConfig(
                 build_optimizer(cfg, params),
-                lr_lambda=lambda step: student_lr_factor(cfg, step, spe, o.gan_epochs),
+                lr_lambda=lambda step: lr_factor(cfg, max(0, step - start), spe, epochs),
                 grad_clip=cfg.grad_clip,
                 name="student",
             ),
@@ -257,7 +251,7 @@ class MEKD(BudgetedDistiller):
         return answer_latents(self.edge_t, n, o.latent_noise, o.g_input, o.tau_g, gen)
 
     def gan_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """Generator noise for the edge batch x: drawn for the global batch, this rank's rows kept."""
+        """Generator noise for the edge batch x: drawn for the global batch, this rank's rows."""
         if self.options.latents == "normal":
             return take_rows(torch.randn(draw_size(x), self.num_classes, device=x.device), x)
         self.answer_edge_first(x.device)  # the answers the latents match, bought now
@@ -311,20 +305,14 @@ class MEKD(BudgetedDistiller):
         """No budget and no transfer_size: generated images are asked fresh at every step."""
         return self.options.budget is None and self.options.transfer_size is None
 
-    def answer_edge_images(self, n: int, device: torch.device) -> None:
-        """Buy answers for n edge images (`answer_edge`), kept as edge_idx and edge_t."""
-        target = partial(teacher_vector, num_classes=self.num_classes)
-        self.edge_idx, self.edge_t = self.answer_edge(n, device, target)
-
     def answer_edge_first(self, device: torch.device) -> None:
         """Ask about every edge image the budget allows, once (nothing when already bought)."""
         if self.edge_t is not None:
             return
         size = len(self.edge) if self.fresh_queries else self.transfer_size()
-        assert size is not None
         if size < 1:
             raise BudgetExceededError("no query budget left for MEKD's edge answers")
-        self.answer_edge_images(size, device)
+        self.edge_idx, self.edge_t = self.answer_edge(size, device, self.answer_vector)
 
     def transfer_size(self) -> int | None:
         """Images the transfer set may hold, edge answers already bought included."""
@@ -350,21 +338,18 @@ class MEKD(BudgetedDistiller):
                 self.answer_edge_first(device)
             return
         size = self.transfer_size()
-        assert size is not None
         if size < 1:
             raise BudgetExceededError(
                 "no query budget left for MEKD's transfer set; lower options.gan_query_fraction"
             )
         o = self.options
-        if o.edge_first and o.edge_share > 0:
-            # every edge image the budget allows, generated images only with what is left
-            self.answer_edge_first(device)
-            assert self.edge_t is not None
+        if o.edge_share > 0:
+            if o.edge_first:  # every edge image the budget allows, generated ones with the rest
+                self.answer_edge_first(device)
+            else:
+                n_edge = min(len(self.edge), max(1, round(o.edge_share * size)))
+                self.edge_idx, self.edge_t = self.answer_edge(n_edge, device, self.answer_vector)
             size -= len(self.edge_t)
-        elif o.edge_share > 0:
-            n_edge = min(len(self.edge), max(1, round(o.edge_share * size)))
-            self.answer_edge_images(n_edge, device)
-            size -= n_edge
         if o.edge_share >= 1.0 or size < 1:  # edge rows only: buy no generated image
             self.pool_z, self.pool_t = torch.zeros(0, self.num_classes), None
             return
@@ -379,8 +364,7 @@ class MEKD(BudgetedDistiller):
             z = cand[torch.from_numpy(idx)]
         else:
             z = self.sample_latents(size, gen)
-        target = partial(teacher_vector, num_classes=self.num_classes)
-        t = self.query_all(z, lambda part: self.generate(part.to(device)), target)
+        t = self.query_all(z, lambda part: self.generate(part.to(device)), self.answer_vector)
         keep = self.keep_mask(t)  # paid for either way; only confident answers are distilled on
         self.pool_z, self.pool_t = z[keep], (t[keep] if keep.any() else None)
         if self.pool_t is None and self.edge_idx is None:
@@ -428,22 +412,20 @@ class MEKD(BudgetedDistiller):
             n_edge = round(self.options.edge_share * n) if generated else n
             sel = torch.randint(len(self.edge_idx), (n_edge,))[rows[rows < n_edge]]
             parts_x.append(self.edge_batch(self.edge_idx[sel], device))
-            assert self.edge_t is not None
             parts_t.append(self.edge_t[sel].to(device))
         mine = rows[rows >= n_edge] - n_edge
-        if n - n_edge > 0:
+        if n > n_edge:
             with torch.no_grad():
                 if fresh:
                     z = self.sample_latents(n - n_edge).to(device)[mine.to(device)]
                     if len(mine):
                         xg = self.generate(z)
-                        t = teacher_vector(self.query(xg), self.num_classes).to(device)
+                        t = self.answer_vector(self.query(xg)).to(device)
                         keep = self.keep_mask(t)
                         keep[t.max(1).values.argmax()] = True  # never an empty batch
                         parts_t.append(t[keep])
                         parts_x.append(xg[keep])
                 else:
-                    assert self.pool_z is not None and self.pool_t is not None
                     sel = self.sample_pool(n - n_edge)[mine]
                     if len(mine):
                         parts_x.append(self.pool_images(device)[sel.to(device)])

@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-from distillkit.methods.mekd_gan import teacher_vector
-
 
 def class_stats(labels: torch.Tensor, num_classes: int) -> tuple[int, float]:
     """Classes present and the entropy (nats) of their histogram."""
@@ -52,7 +50,7 @@ def diagnostics(m: Any, epoch: int) -> dict[str, float]:
             with torch.no_grad():
                 answer = m.query(m.generate(z.to(device)))
             m.generator.train(was)
-            t = teacher_vector(answer, m.num_classes)
+            t = m.answer_vector(answer)
             out["gan_classes"], out["gan_class_entropy"] = class_stats(t.argmax(1), m.num_classes)
             if m.kind == "soft":
                 out["gan_top_prob"] = float(t.exp().max(1).values.mean())

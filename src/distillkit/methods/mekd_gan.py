@@ -17,7 +17,7 @@ class Generator(nn.Module):
 
     def __init__(self, latent_dim: int, out_channels: int, image_size: int, width: int = 128):
         super().__init__()
-        self.latent_dim, self.image_size = latent_dim, image_size
+        self.image_size = image_size
         self.s0 = max(1, math.ceil(image_size / 4))
         self.width = width
         self.fc = nn.Linear(latent_dim, width * self.s0 * self.s0)
@@ -219,8 +219,7 @@ def teacher_vector(out: TeacherOutput, num_classes: int) -> torch.Tensor:
 
 def class_balance_weights(labels: torch.Tensor) -> torch.Tensor:
     """Per-sample weights 1 / count(label): every present class gets the same total weight."""
-    counts = torch.bincount(labels)
-    return 1.0 / counts[labels].double()
+    return 1.0 / torch.bincount(labels)[labels].double()
 
 
 def distill_loss(

@@ -1,6 +1,6 @@
 """StableKD (Kao, Chen & Chan, arXiv 2312.13223): blockwise distillation, then recomposition.
 
-The paper's public copies hold only its abstract, so the choices below are ours (METHODS.md).
+The paper's public copies hold only its abstract, so the choices below are ours (measured below).
 
 Blocks. Teacher and student are split into ``n`` paired blocks (``models/stagewise.py``: stem
 merged into the first stage, head alone, stages divided evenly; ``n`` = the first entry of the
@@ -40,16 +40,15 @@ boundary. Then the group runs the student's blocks ``a..b``:
   ``feat_loss``: ``nmse`` (default: squared error divided by each teacher channel's variance
   over the batch, floored at 1% of the mean variance, so every channel and every boundary counts
   about the same whatever its scale) or plain ``mse``;
-- the group ending with the head is trained on the teacher's logits:
-  ``(1 - alpha) * T^2 * KL(p_t^T || p_s^T)`` plus ``alpha * CE`` when ``alpha > 0``
-  (``options.temperature`` and ``options.alpha``, defaults 4 and 0.1 as in ``kd``), so with ``inner_feat_weight: 0`` the last, one-group stage is
-  exactly the ``kd`` method.
+- the group ending with the head is trained on the teacher's logits: ``(1 - alpha) * T^2 *
+  KL(p_t^T || p_s^T)`` plus ``alpha * CE`` when ``alpha > 0`` (``options.temperature`` and
+  ``options.alpha``, defaults 4 and 0.1 as in ``kd``), so with ``inner_feat_weight: 0`` the
+  last, one-group stage is exactly the ``kd`` method.
 
 ``inner_feat_weight`` (default 0) adds ``inner_feat_weight * L`` at the inner boundaries of
 merged groups (named ``s2_b0-1_feat1``: stage, group, boundary), the end-to-end stage included.
 The returned logits (train accuracy) are the last group's output on its input: the plain student
-forward with student inputs or in the end-to-end stage. Test accuracy is always that
-of the plain student.
+forward with student inputs or in the end-to-end stage. Test accuracy is the plain student's.
 
 Connectors. ``nn.Identity`` where teacher and student shapes agree at a boundary, else a 1x1 conv
 + BN (resizing the grid) or a linear map, one per direction and boundary; ``out_connector:
@@ -214,8 +213,6 @@ def build_schedule(
 
 def stage_of_epoch(epoch: int, stage_epochs: list[int]) -> int:
     """Index of the stage that 0-based ``epoch`` belongs to (the last one past the end)."""
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
     return min(bisect_right(list(accumulate(stage_epochs)), epoch), len(stage_epochs) - 1)
 
 
@@ -366,17 +363,6 @@ class StableKD(Distiller):
         before = sum(self.stage_epochs[:-1])
         return min(1.0, self._epoch / before) if before else 1.0
 
-    @property
-    def current_stage(self) -> Stage:
-        """The stage being trained."""
-        index = self._stage_index
-        if index < 0:
-            raise RuntimeError(
-                "stablekd: no stage set; the trainer must call on_epoch_start(epoch) before each "
-                "epoch (or call set_stage(i))"
-            )
-        return self.schedule[index]
-
     # -- step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -393,7 +379,12 @@ class StableKD(Distiller):
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Losses of the current stage's groups; see the module doc."""
         x, y, _ = batch
-        stage = self.current_stage
+        if self._stage_index < 0:
+            raise RuntimeError(
+                "stablekd: no stage set; the trainer must call on_epoch_start(epoch) before each "
+                "epoch (or call set_stage(i))"
+            )
+        stage = self.schedule[self._stage_index]
         t_logits, t_feats = self.teacher_features(x)
         share = self.student_input_share
         losses: dict[str, torch.Tensor] = {}
