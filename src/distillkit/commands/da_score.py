@@ -131,9 +131,7 @@ def _train_student(
         # a config written by an older distillkit does not load: not the same config
         with contextlib.suppress(ConfigError):
             saved = load_config(run_dir / "config.yaml").to_dict()
-    reused = saved == student_cfg.to_dict()
-    summary = json.loads(metrics.read_text()) if reused else run(student_cfg)
-    return {"test_loss": summary["test_loss"], "test_acc": summary["test_acc"], "reused": reused}
+    return json.loads(metrics.read_text()) if saved == student_cfg.to_dict() else run(student_cfg)
 
 
 def run_da_score(
@@ -149,8 +147,6 @@ def run_da_score(
     log=print,
 ) -> dict[str, Any]:
     """T. stddev per scheme (mean over seeds), and with students their test loss/acc and correlations."""
-    import torch
-
     from distillkit.data.augment import build_augmentation
     from distillkit.data.datasets import load_dataset
     from distillkit.data.tstddev import t_stddev_on_bundle
@@ -168,33 +164,31 @@ def run_da_score(
 
     rows: list[dict[str, Any]] = []
     for label, name, params in schemes:
-        values, entropies, n_windows = [], [], 0
-        for seed in seeds:
-            aug = build_augmentation(name, **params)
-            with torch.no_grad():
-                res = t_stddev_on_bundle(
-                    teacher,
-                    bundle,
-                    aug,
-                    batch_size=batch_size,
-                    window_batches=window_batches,
-                    epochs=tstd_epochs,
-                    seed=seed,
-                    augment=cfg.augment,
-                    device=device,
-                    indices=indices,
-                )
-            values.append(res.value)
-            entropies.append(res.mean_entropy)
-            n_windows = res.n_windows
+        # the teacher's forward passes run under no_grad inside t_stddev
+        results = [
+            t_stddev_on_bundle(
+                teacher,
+                bundle,
+                build_augmentation(name, **params),
+                batch_size=batch_size,
+                window_batches=window_batches,
+                epochs=tstd_epochs,
+                seed=seed,
+                augment=cfg.augment,
+                device=device,
+                indices=indices,
+            )
+            for seed in seeds
+        ]
+        values = [res.value for res in results]
         row: dict[str, Any] = {
             "scheme": label,
             "t_stddev": float(np.mean(values)),
             "t_stddev_seeds": values,
-            "teacher_entropy": float(np.mean(entropies)),
-            "windows": n_windows,
+            "teacher_entropy": float(np.mean([res.mean_entropy for res in results])),
+            "windows": results[-1].n_windows,
         }
-        log(f"[da-score] {label}: T. stddev {row['t_stddev']:.6f} ({n_windows} windows)")
+        log(f"[da-score] {label}: T. stddev {row['t_stddev']:.6f} ({row['windows']} windows)")
         rows.append(row)
 
     result: dict[str, Any] = {

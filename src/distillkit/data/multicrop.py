@@ -105,12 +105,8 @@ def random_resized_crop(
     sign = torch.ones(b, dtype=torch.float64)
     if flip:
         sign = torch.where(rows.rand(gen) < 0.5, -1.0, 1.0).double()
-    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = w * sign
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    theta = theta.to(device=x.device, dtype=x.dtype)
+    zero = torch.zeros(b, dtype=torch.float64)
+    theta = torch.stack([w * sign, zero, cx, zero, h, cy], dim=1).view(b, 2, 3).to(x)
     grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -128,22 +124,19 @@ def color_jitter(
         return x
     rows = rows or _Rows(len(x))
     apply = (rows.rand(gen) < p).to(x.dtype)
-    bright = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
-    contrast = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
-    sat = rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype)
+    # brightness, contrast and saturation factors, drawn for every image (1 where not applied)
+    factors = [rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype) for _ in range(3)]
     gray_coin = (rows.rand(gen) < 0.2).to(x.dtype)
-    dev = x.device
-    bright = (1 + apply * (bright - 1)).to(dev).view(b, 1, 1, 1)
-    contrast = (1 + apply * (contrast - 1)).to(dev).view(b, 1, 1, 1)
+    bright, contrast, sat = ((1 + apply * (f - 1)).to(x.device).view(b, 1, 1, 1) for f in factors)
     y = (x * bright).clamp(0, 1)
     mean = y.mean(dim=(1, 2, 3), keepdim=True)
     y = ((y - mean) * contrast + mean).clamp(0, 1)
     if c == 3:
-        weights = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+        weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype)
+        weights = weights.view(1, 3, 1, 1)
         gray = (y * weights).sum(1, keepdim=True)
-        sat = (1 + apply * (sat - 1)).to(dev).view(b, 1, 1, 1)
         y = ((y - gray) * sat + gray).clamp(0, 1)
-        g = gray_coin.to(dev).view(b, 1, 1, 1)
+        g = gray_coin.to(x.device).view(b, 1, 1, 1)
         y = g * (y * weights).sum(1, keepdim=True).expand_as(y) + (1 - g) * y
     return y
 

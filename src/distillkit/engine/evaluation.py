@@ -21,7 +21,6 @@ from distillkit.methods.ssl_eval import (
     knn_predict,
     linear_probe_accuracy,
     probe_accuracy,
-    probe_report,
 )
 
 __all__ = [
@@ -33,7 +32,6 @@ __all__ = [
     "knn_predict",
     "linear_probe_accuracy",
     "probe_accuracy",
-    "probe_report",
 ]
 
 

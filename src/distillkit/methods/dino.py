@@ -2,28 +2,21 @@
 
 `method: dino` trains model a (the run's `model`) without labels: multi-crop views of the raw
 training images, a student with a projection head, its EMA teacher, output centering and a
-teacher-temperature warm-up. `methods/mokd.py` adds a second model and cross-distillation; heads
-and networks are in `methods/ssl_heads.py`, schedules in `methods/ssl_schedules.py`, the k-NN and
-linear-probe evaluation in `methods/ssl_eval.py`.
-
-Run-level keys (dataset, epochs, batch_size, seed, device, amp, eval_every, eval_batch_size,
-subset, drop_last) are the RunConfig's; everything self-supervised is under `options`, each
-model's optimiser under `options.a` / `options.b`. The method optimises manually: one optimiser
-per model, warm-up + cosine learning rate, cosine weight decay, per-model clipping and a frozen
-last layer in the first epochs.
+teacher-temperature warm-up; `methods/mokd.py` adds a second model and cross-distillation. Its
+options (`methods/ssl_options.py`) give each model its own optimiser: the method optimises
+manually, with warm-up + cosine learning rate, cosine weight decay, per-model clipping and a
+frozen last layer in the first epochs.
 
 The views are cut from the raw uint8 images by sample index (the loader's normalised, maybe
 augmented batch is not used), with numbers drawn from a (seed, epoch) generator for the whole
 global batch: an exact resume and a run under torchrun see the views of a single-process run.
-
-What `evaluate` and `export` get: model a's EMA teacher with the linear probe of the latest
-evaluation as its classifier (`deployable`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,15 +31,16 @@ from distillkit.data.multicrop import MultiCrop
 from distillkit.data.transforms import current_shard
 from distillkit.methods.base import Batch, Distiller, OptimizerConfig, SetupContext
 from distillkit.methods.registry import register_method
-from distillkit.methods.ssl_eval import eval_subset, probe_report
+from distillkit.methods.ssl_eval import (
+    eval_subset,
+    extract_features,
+    fit_linear_probe,
+    knn_accuracy,
+    probe_accuracy,
+)
 from distillkit.methods.ssl_heads import SSLMember, build_member
 from distillkit.methods.ssl_options import DINOOptions, ModelOptions
-from distillkit.methods.ssl_schedules import (
-    cosine_value,
-    ema_momentum,
-    lr_at,
-    teacher_temperature,
-)
+from distillkit.methods.ssl_schedules import cosine_value, ema_momentum, lr_at, teacher_temperature
 from distillkit.models import build_model
 
 _VIEW_STREAM = 7  # randomness stream of the views, distinct from the loader's streams
@@ -55,6 +49,7 @@ _VIEW_STREAM = 7  # randomness stream of the views, distinct from the loader's s
 # optimiser under options.a / options.b, with a key of the same name, and no lr schedule keys
 _RUN_KEYS_PER_MODEL = ("optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "grad_clip")
 _RUN_KEYS_SCHEDULE = ("schedule", "milestones", "gamma", "nesterov")
+_SELF_TERMS = {"head": "dino", "thead": "dino_thead"}  # loss name of each self-distilled output
 
 
 # --------------------------------------------------------------------------- loss, centering, EMA
@@ -137,13 +132,13 @@ class DINO(Distiller):
         members: dict[str, SSLMember],
         options: DINOOptions | None = None,
         *,
-        use_thead: bool | None = None,
         deploy: nn.Module | None = None,
         num_classes: int = 10,
     ) -> None:
         super().__init__(nn.ModuleDict(members), None)
         self.options = options or DINOOptions()
-        self.use_thead = self.options.thead if use_thead is None else use_thead
+        # the outputs each member self-distils: its head, and its T-head when built with one
+        self.heads = ("head", "thead") if members["a"].student.thead is not None else ("head",)
         self.student_temp = self.options.student_temp
         self.world_size = 1  # > 1: centers sum their batch means over processes (torchrun)
         # what evaluate/export use: a's network as built by the run, classifier intact; kept out
@@ -304,22 +299,18 @@ class DINO(Distiller):
         self, m: SSLMember, s: dict, t: dict, teacher_temp: float
     ) -> dict[str, torch.Tensor]:
         """A member's own DINO terms (head, and T-head when it has one)."""
-        losses = {
-            "dino": dino_loss(s["head"], t["head"], m.center_head, self.student_temp, teacher_temp)
-        }
-        if self.use_thead:
-            losses["dino_thead"] = dino_loss(
-                s["thead"], t["thead"], m.center_thead, self.student_temp, teacher_temp
+        return {
+            _SELF_TERMS[h]: dino_loss(
+                s[h], t[h], getattr(m, f"center_{h}"), self.student_temp, teacher_temp
             )
-        return losses
+            for h in self.heads
+        }
 
     def update_centers(self, outputs: dict[str, tuple[dict, dict]], rows: Rows | None) -> None:
         """EMA of each teacher's mean output (after the losses used the old centers)."""
         for name, m in self.members.items():
-            t = outputs[name][1]
-            self._set_center(m, "center_head", t["head"], rows)
-            if self.use_thead:
-                self._set_center(m, "center_thead", t["thead"], rows)
+            for h in self.heads:
+                self._set_center(m, f"center_{h}", outputs[name][1][h], rows)
 
     def compute_losses(
         self, views: Sequence[torch.Tensor], teacher_temp: float, rows: Rows | None = None
@@ -344,21 +335,21 @@ class DINO(Distiller):
         o, cfg, bundle = self.options, ctx.cfg, ctx.bundle
         train = eval_subset(bundle.train, o.eval_train_samples, derive_seed(cfg.seed, 97))
         test = eval_subset(bundle.test, o.eval_test_samples, derive_seed(cfg.seed, 98))
+        extract = functools.partial(
+            extract_features,
+            mean=bundle.mean,
+            std=bundle.std,
+            device=ctx.device,
+            batch_size=cfg.eval_batch_size,
+        )
+        k = bundle.num_classes
         out: dict[str, float] = {}
         for name, m in self.members.items():
-            accs, (weight, bias) = probe_report(
-                m.teacher.backbone,
-                train,
-                test,
-                bundle,
-                ctx.device,
-                batch_size=cfg.eval_batch_size,
-                knn_k=o.knn_k,
-                knn_temperature=o.knn_temperature,
-                probe_steps=o.probe_steps,
-                probe_l2=o.probe_l2,
-            )
-            out.update({f"{k}_{name}": v for k, v in accs.items()})
+            tr, te = (extract(m.teacher.backbone, s.images) for s in (train, test))
+            weight, bias = fit_linear_probe(tr, train.labels, k, o.probe_steps, o.probe_l2)
+            knn = knn_accuracy(tr, train.labels, te, test.labels, k, o.knn_k, o.knn_temperature)
+            out[f"knn_acc_{name}"] = knn
+            out[f"linear_acc_{name}"] = probe_accuracy(weight, bias, te, test.labels)
             if name == "a":
                 self.probe_weight.copy_(weight.to(self.probe_weight))
                 self.probe_bias.copy_(bias.to(self.probe_bias))
@@ -405,30 +396,27 @@ def check_run_config(cfg: Any) -> None:
             )
 
 
-def _deploy_copy(model: nn.Module, embed_dim: int, num_classes: int) -> nn.Module | None:
-    """A copy of a freshly built model whose classifier a linear probe can fill, or None."""
-    clf = getattr(model, "classifier", None)
-    if isinstance(clf, nn.Linear) and clf.in_features == embed_dim:
-        if clf.out_features == num_classes:
-            return copy.deepcopy(model).cpu().eval()
-    return None
-
-
-def build_members(
+def build_dino_like(
+    cls: type[DINO],
     cfg: Any,
     options: DINOOptions,
-    model_a: nn.Module,
+    student: nn.Module,
     bundle: DataBundle,
     with_thead: bool,
-) -> dict[str, SSLMember]:
-    """Every model of the run: a is the run's model, b (MOKD) is built from options.b."""
+) -> DINO:
+    """Members, deployable copy and the method object (shared by dino and mokd).
+
+    Model a is the run's `model`, b (MOKD) is built from options.b.
+    """
+    check_run_config(cfg)
+    fresh = copy.deepcopy(student)  # before the backbone adapter drops its classifier
     global_size, _ = options.crop_sizes(bundle.image_size)
     members = {}
     for i, (name, r) in enumerate(options.members().items()):
         # each member its own stream: a's heads and b do not depend on how a was built
         torch.manual_seed(derive_seed(cfg.seed, 1000 + i))
         if name == "a":
-            model = model_a
+            model = student
         else:
             try:
                 model = build_model(
@@ -444,23 +432,11 @@ def build_members(
                     f"{r.model_kwargs}: {exc}"
                 ) from None
         members[name] = build_member(options, r, model, global_size, with_thead)
-    return members
-
-
-def build_dino_like(
-    cls: type[DINO],
-    cfg: Any,
-    options: DINOOptions,
-    student: nn.Module,
-    bundle: DataBundle,
-    with_thead: bool,
-) -> DINO:
-    """Members, deployable copy and the method object (shared by dino and mokd)."""
-    check_run_config(cfg)
-    fresh = copy.deepcopy(student)  # before the backbone adapter drops its classifier
-    members = build_members(cfg, options, student, bundle, with_thead=with_thead)
+    # the deployable: the fresh copy when its classifier is a linear layer a probe can fill
+    clf = getattr(fresh, "classifier", None)
+    shape = (clf.in_features, clf.out_features) if isinstance(clf, nn.Linear) else None
     embed = members["a"].student.backbone.embed_dim
-    deploy = _deploy_copy(fresh, embed, bundle.num_classes)
+    deploy = fresh.cpu().eval() if shape == (embed, bundle.num_classes) else None
     return cls(members, options, deploy=deploy, num_classes=bundle.num_classes)
 
 

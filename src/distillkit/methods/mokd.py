@@ -26,13 +26,7 @@ import torch
 from torch import nn
 
 from distillkit.data.datasets import DataBundle
-from distillkit.methods.dino import (
-    DINO,
-    Rows,
-    build_dino_like,
-    dino_loss,
-    soft_cross_entropy,
-)
+from distillkit.methods.dino import DINO, Rows, build_dino_like, dino_loss, soft_cross_entropy
 from distillkit.methods.registry import register_method
 from distillkit.methods.ssl_heads import SSLMember
 from distillkit.methods.ssl_options import MOKDOptions
@@ -54,7 +48,7 @@ class MOKD(DINO):
         for name, m in members.items():
             if m.student.thead is None:
                 raise ValueError(f"MOKD member {name!r} needs a T-head")
-        super().__init__(members, options, use_thead=True, deploy=deploy, num_classes=num_classes)
+        super().__init__(members, options, deploy=deploy, num_classes=num_classes)
 
     @torch.no_grad()
     def search_targets(

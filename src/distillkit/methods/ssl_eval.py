@@ -1,6 +1,6 @@
 """Quality of frozen features without training them: weighted k-NN and a linear probe.
 
-Pure functions on tensors (and a DataBundle's splits), used by the self-supervised methods to
+Pure functions on tensors (and dataset splits), used by the self-supervised methods to
 evaluate their EMA teachers; `engine/evaluation.py` re-exports them.
 """
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit.data.datasets import DataBundle, Split
+from distillkit.data.datasets import Split
 from distillkit.data.transforms import normalize
 
 
@@ -139,31 +139,3 @@ def eval_subset(split: Split, limit: int | None, seed: int) -> Split:
         return split
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:limit]
     return Split(split.images[idx], split.labels[idx])
-
-
-def probe_report(
-    backbone: nn.Module,
-    train: Split,
-    test: Split,
-    bundle: DataBundle,
-    device: torch.device,
-    *,
-    batch_size: int = 512,
-    knn_k: int = 20,
-    knn_temperature: float = 0.07,
-    probe_steps: int = 100,
-    probe_l2: float = 1e-4,
-) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
-    """k-NN and linear-probe accuracy (%) on `test` of a frozen backbone's features, and the probe."""
-    tr, te = (
-        extract_features(backbone, split.images, bundle.mean, bundle.std, device, batch_size)
-        for split in (train, test)
-    )
-    weight, bias = fit_linear_probe(tr, train.labels, bundle.num_classes, probe_steps, probe_l2)
-    accs = {
-        "knn_acc": knn_accuracy(
-            tr, train.labels, te, test.labels, bundle.num_classes, knn_k, knn_temperature
-        ),
-        "linear_acc": probe_accuracy(weight, bias, te, test.labels),
-    }
-    return accs, (weight, bias)

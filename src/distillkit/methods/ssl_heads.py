@@ -1,10 +1,7 @@
 """Networks of self-supervised runs: projection heads, the backbone adapter, student/teacher pairs.
 
-`DINOHead` is DINO's projection head (MLP, l2-normalised bottleneck, weight-normalised last
-layer); `TransformerHead` is MOKD's T-head over a backbone's tokens (DINO may train one too).
-`SSLBackbone` turns a zoo model into (embedding, tokens, grid); `SSLNetwork` puts a backbone and
-its heads together; `SSLMember` holds one model's student, its EMA teacher and output centers;
-`build_member` assembles one from a model and the run's options.
+`build_member` assembles one model's `SSLMember` (student network, EMA teacher, output centers)
+from a zoo model and the run's options.
 """
 
 from __future__ import annotations
@@ -189,18 +186,14 @@ class SSLBackbone(nn.Module):
             raise ValueError(f"{type(model).__name__} has no `classifier` module to remove")
         model.classifier = nn.Identity()
         self.model = model
-        if token_layer == "auto":
-            if hasattr(model, "cls_token") and hasattr(model, "norm"):
-                token_layer = "norm"
-            else:
-                layers = list(getattr(model, "hook_layers", []))
-                if not layers:
-                    raise ValueError(
-                        f"{type(model).__name__} lists no hook_layers; set token_layer"
-                    )
-                token_layer = layers[-1]
-        self.token_layer = token_layer
         self.has_cls = hasattr(model, "cls_token")
+        if token_layer == "auto":  # a ViT's final norm, else the model's last hook layer
+            vit = self.has_cls and hasattr(model, "norm")
+            layers = ["norm"] if vit else list(getattr(model, "hook_layers", []))
+            if not layers:
+                raise ValueError(f"{type(model).__name__} lists no hook_layers; set token_layer")
+            token_layer = layers[-1]
+        self.token_layer = token_layer
         self._captured: dict[str, torch.Tensor] = {}
         model.get_submodule(token_layer).register_forward_hook(self._hook)
         in_ch = _first_conv_in_channels(model)
@@ -256,14 +249,11 @@ class SSLNetwork(nn.Module):
 
     def forward(self, views: Sequence[torch.Tensor]) -> dict[str, list[Any]]:
         """Per-view outputs; consecutive views of one size go through the backbone together."""
-        out: dict[str, list[Any]] = {
-            k: [] for k in ("emb", "head", "pooled", "thead", "tokens", "grids")
-        }
+        out: dict[str, list[Any]] = {k: [] for k in ("head", "pooled", "thead", "tokens", "grids")}
         for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:]):
             same_size = list(group)
             n = len(same_size)
             emb, tokens, grid = self.backbone(torch.cat(same_size))
-            out["emb"] += list(emb.chunk(n))
             out["head"] += list(self.head(emb).chunk(n))
             out["tokens"] += list(tokens.chunk(n))
             out["grids"] += [grid] * n

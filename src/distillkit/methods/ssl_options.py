@@ -138,8 +138,7 @@ class DINOOptions:
     def crop_sizes(self, image_size: int) -> tuple[int, int]:
         """(global, local) view sizes for images of side `image_size`."""
         g = self.global_size or image_size
-        local = self.local_size or max(2, round(g * 96 / 224))
-        return g, local
+        return g, self.local_size or max(2, round(g * 96 / 224))
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""
