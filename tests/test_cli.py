@@ -421,18 +421,18 @@ def test_config_error_lives_in_errors_and_config_still_exports_it():
 
 
 def test_usage_error_from_a_command_is_one_line_exit_2(tmp_path, capsys):
-    # a config file and a --resume run directory together is a usage problem of `ssl`
+    # `distill` with method ce is a usage problem of the command itself (`train` runs ce)
     from distillkit.errors import UsageError
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("epochs: 1\n")
+    argv = ["distill", "method=ce", f"out_dir={tmp_path / 'run'}"]
+    args = build_parser().parse_args(argv)
     with pytest.raises(UsageError):
-        from distillkit.commands.ssl import cmd_ssl
-
-        cmd_ssl(build_parser().parse_args(["ssl", str(cfg), "--resume", str(tmp_path)]))
-    assert main(["ssl", str(cfg), "--resume", str(tmp_path)]) == 2
+        args.func(args)
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("distillkit ssl: error: --resume") and err.count("\n") == 1
+    assert err.startswith("distillkit distill: error: `distillkit distill` needs")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_does_not_import_torch():

@@ -54,7 +54,6 @@ SETUP = {"make", "apt-get", "apt", "pip", "pip3"}
 SHRINK = {
     "train": ["epochs=1"],
     "distill": ["epochs=1"],
-    "ssl": ["epochs=1"],
     "da-score": ["epochs=1"],
     "demo": ["--epochs", "1"],
 }

@@ -427,23 +427,13 @@ def test_ssl_modules_import_only_from_their_layer():
     assert not (root / "ssl_train.py").exists()
 
 
-def test_ssl_command_is_an_alias_of_train(tmp_path):
-    from distillkit.cli import main
-
-    run_dir = tmp_path / "run"
-    args = [*TINY, "epochs=1", "options.probe_steps=5", f"out_dir={run_dir}"]
-    assert main(["ssl", *args]) == 0
-    assert json.loads((run_dir / "metrics.json").read_text())["method"] == "dino"
-    help_text = build_help("ssl")
-    assert "alias" in help_text and "train" in help_text
-
-
-def build_help(command: str) -> str:
+def test_the_old_ssl_commands_are_gone():
+    # self-supervised runs are ordinary runs: train, resume and evaluate serve them
     from distillkit.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    return {c.dest: c.help for c in sub._choices_actions}[command]
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"train", "resume", "evaluate"} <= set(sub.choices)
+    assert not {"ssl", "ssl-eval"} & set(sub.choices)
 
 
 # A model without BatchNorm (LayerNorm is per sample): what is left between one process and two

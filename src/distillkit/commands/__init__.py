@@ -1,5 +1,5 @@
 """The `distillkit` subcommands: each module here defines `register(subparsers)` for one of them.
 
 The CLI imports every module of this package (except `common`, the shared helpers, and private
-`_` modules), so a new subcommand is one new file named after it (`ssl_eval.py` -> `ssl-eval`).
+`_` modules), so a new subcommand is one new file named after it (`teacher_keys.py` -> `teacher-keys`).
 """

@@ -120,11 +120,6 @@ def load_model(target: str | Path, which: str = "best") -> LoadedModel:
     """Rebuild the student network of a run directory (or checkpoint file) in eval mode."""
     path = resolve_target(target, which)
     state = load_checkpoint(path)
-    if state.get("kind") == "ssl":
-        raise DeployError(
-            f"{path} is a self-supervised run (an encoder without a classifier); "
-            "export and profile take supervised runs"
-        )
     meta = state.get("model_meta") or {}
     missing = [k for k in ("name", "in_channels", "num_classes", "image_size", "mean", "std")]
     missing = [k for k in missing if k not in meta]
