@@ -82,7 +82,12 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
     for name, value in limits.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    settings = ServerSettings(**limits)
+    settings = ServerSettings(
+        max_batch=args.max_batch,
+        max_body_bytes=args.max_body_bytes,
+        default_budget=args.budget,
+        **limits,
+    )
     handler: logging.Handler = (
         logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler(sys.stderr)
     )
@@ -102,11 +107,8 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         keys_file=args.keys,
-        budget=args.budget,
-        max_batch=args.max_batch,
         state=args.state,
         device=args.device,
-        max_body_bytes=args.max_body_bytes,
         settings=settings,
     )
     return 0

@@ -1,7 +1,6 @@
 """Distillation methods, one file each, all behind the Distiller contract and the registry."""
 
 from distillkit.methods.base import Distiller
-from distillkit.methods.ce import CrossEntropy
 from distillkit.methods.fitnet import FitNet
 from distillkit.methods.kd import KD
 from distillkit.methods.losses import kd_kl
@@ -9,7 +8,6 @@ from distillkit.methods.registry import get_method, list_methods, register_metho
 
 __all__ = [
     "KD",
-    "CrossEntropy",
     "Distiller",
     "FitNet",
     "get_method",

@@ -48,15 +48,14 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
 def _numpy_globals() -> list[Any]:
     """The numpy pieces a checkpoint may hold (RNG state, subset indices): plain numeric arrays."""
     reconstruct = np._core.multiarray._reconstruct  # type: ignore[attr-defined]
-    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32)
-    numeric += (np.uint64, np.float16, np.float32, np.float64)
+    numeric = "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64"
     return [
         reconstruct,
         # files written under numpy 1.x name the same function by its old module
         (reconstruct, "numpy.core.multiarray._reconstruct"),
         np.ndarray,
         np.dtype,
-        *(type(np.dtype(t)) for t in numeric),
+        *(type(np.dtype(t)) for t in numeric.split()),
     ]
 
 
@@ -116,5 +115,4 @@ def model_from_checkpoint(
         **meta.get("kwargs", {}),
     )
     model.load_state_dict(state["model"])
-    model.eval()
-    return model, state
+    return model.eval(), state

@@ -1,36 +1,26 @@
 """Teachers: local white-box models, black-box views with budgets, output caching, and teachers
 trained outside distillkit (a model class plus weights, TorchScript, ONNX)."""
 
-from distillkit.teachers.base import KINDS, BudgetExceededError, Teacher, TeacherOutput, ask_teacher
+from distillkit.teachers.base import BudgetExceededError, Teacher, TeacherOutput
 from distillkit.teachers.cache import CachedTeacher
 from distillkit.teachers.external import (
     ExternalTeacherSpec,
     is_external_teacher,
     load_external_teacher,
-    load_state_dict_file,
     teacher_file_format,
 )
-from distillkit.teachers.local import (
-    BlackBoxTeacher,
-    LocalTeacher,
-    OpaqueBlackBoxTeacher,
-    OpaqueModel,
-)
+from distillkit.teachers.local import BlackBoxTeacher, LocalTeacher, OpaqueBlackBoxTeacher
 
 __all__ = [
-    "KINDS",
     "BlackBoxTeacher",
     "BudgetExceededError",
     "CachedTeacher",
     "ExternalTeacherSpec",
     "LocalTeacher",
     "OpaqueBlackBoxTeacher",
-    "OpaqueModel",
     "Teacher",
-    "ask_teacher",
+    "TeacherOutput",
     "is_external_teacher",
     "load_external_teacher",
-    "load_state_dict_file",
     "teacher_file_format",
-    "TeacherOutput",
 ]

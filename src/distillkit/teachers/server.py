@@ -37,13 +37,13 @@ finish, then the lifespan hook closes the budget database.
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' `Request` annotation
 # at runtime, and Request is imported inside create_app so the core install needs no FastAPI
+import functools
 import hashlib
 import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +56,6 @@ from torch import nn
 from distillkit.teachers.keys import BudgetStore, KeyRecord, KeyStore
 from distillkit.teachers.server_http import (
     IDEMPOTENCY_PARAMETER,
-    NPY_MAGIC,
-    NPY_TYPES,
     PREDICT_BODY,
     AccessLog,
     ApiError,
@@ -74,21 +72,8 @@ from distillkit.teachers.server_http import (
 )
 from distillkit.teachers.server_store import Claim
 
-__all__ = [
-    "NPY_MAGIC",
-    "NPY_TYPES",
-    "ApiError",
-    "ServerSettings",
-    "ServerThread",
-    "TeacherService",
-    "create_app",
-    "decode_images",
-    "load_service",
-    "serve",
-]
-ACCESS_LOGGER = "distillkit.serve.access"
 log = logging.getLogger("distillkit.serve")
-access_log = logging.getLogger(ACCESS_LOGGER)
+access_log = logging.getLogger("distillkit.serve.access")
 
 
 def parse_responses(text: str) -> tuple[str, int | None]:
@@ -117,10 +102,7 @@ class TeacherService:
     ):
         self.kind, self.k = parse_responses(responses)
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.meta = meta
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.num_classes = int(meta["num_classes"])
         if self.k is not None and self.k > self.num_classes:
             raise ValueError(
@@ -227,11 +209,6 @@ class ServerSettings:
     log_interval: float = 10.0  # one access-log line per interval for requests without a key
 
 
-def default_body_limit(input_shape: Sequence[int], max_batch: int) -> int:
-    """Bytes a max batch needs as JSON (about 12 characters per value) plus headroom."""
-    return 12 * max_batch * math.prod(input_shape) + (1 << 16)
-
-
 def _error(exc: ApiError, headers: dict[str, str] | None = None):
     from fastapi.responses import JSONResponse
 
@@ -241,6 +218,12 @@ def _error(exc: ApiError, headers: dict[str, str] | None = None):
 UNAUTHORIZED = ApiError(401, "unauthorized", "missing or invalid API key")
 INTERNAL = ApiError(500, "internal", "the server failed to answer; nothing was charged")
 SECURED = {"security": [{"bearerKey": []}]}
+BEARER = {"WWW-Authenticate": "Bearer"}
+# idempotency outcomes answered with an error: (status, code, what the key did)
+CONFLICTS = {
+    "mismatch": (422, "idempotency_key_reused", "was already used with another body"),
+    "in_progress": (409, "idempotency_in_progress", "belongs to a running request"),
+}
 
 
 def create_app(
@@ -257,7 +240,9 @@ def create_app(
     from starlette.requests import ClientDisconnect
 
     settings = settings or ServerSettings()
-    limit = settings.max_body_bytes or default_body_limit(service.input_shape, settings.max_batch)
+    # by default the bytes a max batch needs as JSON (about 12 characters per value) plus headroom
+    json_batch = 12 * settings.max_batch * math.prod(service.input_shape) + (1 << 16)
+    limit = settings.max_body_bytes or json_batch
     budgets.reply_ttl = settings.idempotency_ttl
     sampled = SampledLog(access_log, settings.log_interval)
 
@@ -286,23 +271,20 @@ def create_app(
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return _error(INTERNAL)
 
-    def budget_of(record: KeyRecord) -> int | None:
-        return record.budget if record.budget is not None else settings.default_budget
-
-    def authenticate(request: Request) -> KeyRecord:
+    def authenticate(request: Request) -> tuple[KeyRecord, int | None] | None:
+        """The bearer key's record and budget; None for a missing or invalid key."""
         keys.refresh()
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         record = keys.verify(token.strip() if scheme.lower() == "bearer" else None)
         if record is None:
-            raise UNAUTHORIZED
+            return None
         request.state.key_id = record.id
-        return record
+        return record, record.budget if record.budget is not None else settings.default_budget
 
     async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        too_long = declared is not None and declared.isdigit()
-        if too_long and (len(declared) > 18 or int(declared) > limit):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             await drain(request, limit)
             raise ApiError(
                 413, "body_too_large", f"body of {declared[:20]} bytes exceeds {limit} bytes"
@@ -316,16 +298,9 @@ def create_app(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def decode(body: bytes, content_type: str) -> np.ndarray:
-        def check(shape, dtype):
-            service.check_header(shape, dtype, settings.max_batch)
-
-        return service.validate(decode_images(body, content_type, check), settings.max_batch)
-
-    def answer(body: bytes, content_type: str, outcome: Claim, images=None) -> bytes | None:
+    def answer(images: np.ndarray, outcome: Claim) -> bytes | None:
         """The JSON answer for a reserved batch; None (reservation released) if inference fails."""
         try:
-            images = decode(body, content_type) if images is None else images
             payload = service.predict(images)
             payload["remaining"] = outcome.remaining
             return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
@@ -334,16 +309,15 @@ def create_app(
             log.exception("inference failed; nothing was charged")
             return None
 
+    check = functools.partial(service.check_header, max_batch=settings.max_batch)
+
     def admit(body: bytes, content_type: str, key_id: str, budget: int | None, scoped):
         """Decode, validate, claim the budget and, when reserved, answer: one worker-thread hop."""
-        images = decode(body, content_type)
-        n = int(images.shape[0])
+        images = service.validate(decode_images(body, content_type, check), settings.max_batch)
         fingerprint = hashlib.sha256(body).hexdigest() if scoped is not None else None
-        outcome = budgets.begin(key_id, n, budget, scoped, fingerprint)
-        content = None
-        if outcome.status == "reserved":
-            content = answer(body, content_type, outcome, images)
-        return n, fingerprint, outcome, content
+        outcome = budgets.begin(key_id, len(images), budget, scoped, fingerprint)
+        content = answer(images, outcome) if outcome.status == "reserved" else None
+        return images, fingerprint, outcome, content
 
     async def claim(request: Request, key_id: str, n: int, budget, idem, fingerprint):
         """The budget/idempotency outcome; a duplicate of a running request waits for it."""
@@ -406,11 +380,9 @@ def create_app(
 
     @app.get("/v1/info", openapi_extra=SECURED, responses=error_responses("401", "503"))
     async def info(request: Request):
-        try:
-            record = authenticate(request)
-        except ApiError as exc:
-            return _error(exc, {"WWW-Authenticate": "Bearer"})
-        budget = budget_of(record)
+        if (auth := authenticate(request)) is None:
+            return _error(UNAUTHORIZED, BEARER)
+        record, budget = auth
         remaining = await anyio.to_thread.run_sync(budgets.remaining, record.id, budget)
         return {
             **service.info(),
@@ -432,23 +404,22 @@ def create_app(
         responses=error_responses("400", "401", "409", "413", "415", "422", "429", "503"),
     )
     async def predict(request: Request):
-        try:
-            record = authenticate(request)
-        except ApiError as exc:
-            return _error(exc, {"WWW-Authenticate": "Bearer"})
-        budget = budget_of(record)
+        if (auth := authenticate(request)) is None:
+            return _error(UNAUTHORIZED, BEARER)
+        record, budget = auth
         try:
             idem = parse_idempotency_key(request.headers.get("idempotency-key"))
             scoped = f"{service.responses}:{idem}" if idem is not None else None
             body = await read_body(request)
             ctype = request.headers.get("content-type", "")
-            n, fingerprint, outcome, content = await anyio.to_thread.run_sync(
+            images, fingerprint, outcome, content = await anyio.to_thread.run_sync(
                 admit, body, ctype, record.id, budget, scoped
             )
         except ApiError as exc:
             return _error(exc)
         except ClientDisconnect:
             return Gone()
+        n = len(images)
         if outcome.status == "in_progress":  # a duplicate: wait for the first to finish
             outcome = await claim(request, record.id, n, budget, scoped, fingerprint)
             if outcome is None:
@@ -457,30 +428,19 @@ def create_app(
                 if await client_gone(request.receive):
                     await settle(outcome.reservation, False, b"")
                     return Gone()
-                content = await anyio.to_thread.run_sync(answer, body, ctype, outcome)
+                content = await anyio.to_thread.run_sync(answer, images, outcome)
         if outcome.status == "replay":
             return Response(outcome.body, 200, {"Idempotent-Replayed": "true"}, "application/json")
-        if outcome.status in ("mismatch", "in_progress"):
-            conflict = {
-                "mismatch": (422, "idempotency_key_reused", "was already used with another body"),
-                "in_progress": (409, "idempotency_in_progress", "belongs to a running request"),
-            }
-            status, code, what = conflict[outcome.status]
+        if outcome.status in CONFLICTS:
+            status, code, what = CONFLICTS[outcome.status]
             return _error(ApiError(status, code, f"Idempotency-Key {idem!r} {what}"))
-        remaining = outcome.remaining
+        remaining = outcome.remaining  # None only for an unlimited key, which is never refused
+        headers = {"X-Budget-Remaining": str(remaining)} if remaining is not None else {}
         if outcome.status == "refused":
-            return _error(
-                ApiError(
-                    429,
-                    "budget_exhausted",
-                    f"query budget exhausted: {remaining} images remain, the batch has {n}",
-                    remaining=remaining,
-                ),
-                {"X-Budget-Remaining": str(remaining)},
-            )
+            text = f"query budget exhausted: {remaining} images remain, the batch has {n}"
+            return _error(ApiError(429, "budget_exhausted", text, remaining=remaining), headers)
         if content is None:  # inference failed and its reservation was released
             return _error(INTERNAL)
-        headers = {"X-Budget-Remaining": str(remaining)} if remaining is not None else {}
         return Delivered(content, headers, outcome.reservation, n)
 
     return app
@@ -542,18 +502,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     keys_file: str | Path = "teacher_keys.json",
-    budget: int | None = None,
-    max_batch: int = 256,
     state: str | Path = "teacher_state.db",
     device: str = "cpu",
-    max_body_bytes: int | None = None,
     settings: ServerSettings | None = None,
 ) -> None:
-    """Load a trained model and serve it until SIGINT/SIGTERM (graceful).
-
-    `settings`, when given, supplies the timeouts and limits; the explicit arguments override
-    its batch size, body limit and default budget.
-    """
+    """Load a trained model and serve it with `settings`' limits until SIGINT/SIGTERM (graceful)."""
     import uvicorn
 
     service = load_service(target, responses, device)
@@ -563,8 +516,6 @@ def serve(
             f"keys file {keys_file} holds no active keys; add one with `distillkit teacher-keys add`"
         )
     settings = settings or ServerSettings()
-    settings.max_batch, settings.max_body_bytes = max_batch, max_body_bytes
-    settings.default_budget = budget
     budgets = BudgetStore(state, reply_ttl=settings.idempotency_ttl)
     app = create_app(service, keys, budgets, settings)
     sock = bind_socket(host, port)
