@@ -201,3 +201,20 @@ def test_da_score_errors_name_the_problem(teacher_dir, tmp_path, capsys, args, n
 def test_da_score_needs_a_teacher(tmp_path, capsys):
     assert main(["da-score", "model=mlp", "--out", str(tmp_path), "--schemes", "identity"]) == 2
     assert "teacher" in capsys.readouterr().err
+
+
+def test_da_score_rerun_reuses_finished_students(teacher_dir, tmp_path, monkeypatch, capsys):
+    # a relative --out and teacher: the saved config holds them absolute, the rerun must match it
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t").symlink_to(teacher_dir, target_is_directory=True)
+    args = ["da-score", "teacher=t", "model=mlp", "epochs=1", "device=cpu", "--quiet"]
+    args += ["--schemes", "identity", "--train-students", "--out", "rel"]
+    assert main(args) == 0
+    student = tmp_path / "rel" / "students" / "identity_s0"
+    first = (student / "metrics.json").read_text()
+    stamp = (student / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert main(args) == 0, capsys.readouterr().err
+    assert (student / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+    assert (student / "metrics.json").read_text() == first
+    rows = json.loads((tmp_path / "rel" / "da_score.json").read_text())["schemes"]
+    assert rows[0]["student_test_acc"] == json.loads(first)["test_acc"]
