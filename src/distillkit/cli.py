@@ -79,23 +79,19 @@ def _loaded_class(module: str, name: str) -> type[BaseException] | None:
     return getattr(sys.modules.get(module), name, None)
 
 
-def _failure_errors() -> tuple[type[BaseException], ...]:
-    """Expected errors of a valid command that failed: a teacher server, the OS or an export."""
-    found = [
+def exit_code(exc: BaseException) -> int | None:
+    """The exit status of an expected error, or None for a bug (shown with its traceback)."""
+    if isinstance(exc, USAGE_ERRORS):
+        return EXIT_USAGE
+    # expected errors of a valid command that failed: a teacher server, the OS or an export
+    failures = [
         _loaded_class("distillkit.teachers.remote", "RemoteTeacherError"),
         _loaded_class("distillkit.teachers.base", "BudgetExceededError"),
         # the model could not be exported, or its exported graph disagrees with it
         _loaded_class("distillkit.deploy.export", "ExportError"),
     ]
     # a 401 from a teacher server, or a file the user may not read or write
-    return (PermissionError, *[c for c in found if c is not None])
-
-
-def exit_code(exc: BaseException) -> int | None:
-    """The exit status of an expected error, or None for a bug (shown with its traceback)."""
-    if isinstance(exc, USAGE_ERRORS):
-        return EXIT_USAGE
-    if isinstance(exc, _failure_errors()):
+    if isinstance(exc, (PermissionError, *[c for c in failures if c is not None])):
         return EXIT_FAILURE
     return None
 

@@ -138,10 +138,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is not type(None):
-                with contextlib.suppress(ConfigError):
-                    return _coerce(key, value, arg)
+        for arg in args:  # None itself was handled above: NoneType is an unsupported type
+            with contextlib.suppress(ConfigError):
+                return _coerce(key, value, arg)
         name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
     if tp is Any:
@@ -161,10 +160,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"config key '{key}': expected {_EXPECTED[tp]}, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python reads as a number
+        # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python reads as a number
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             with contextlib.suppress(ValueError):
                 return float(value)
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
@@ -254,9 +251,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
+            value = _merge(merged[key], value)
+        merged[key] = value
     return merged
 
 

@@ -64,7 +64,6 @@ from distillkit.teachers import (
 
 # the dataset name of a run whose data were handed over as Python objects (not stored)
 IN_MEMORY = "in-memory"
-SPLIT_FILE = "split.json"
 
 
 @dataclass
@@ -105,14 +104,12 @@ def resolve_options(cfg: RunConfig) -> Any:
             raise ConfigError(f"method '{cfg.method}' takes no options, got {sorted(cfg.options)}")
         return None
     opts = build_dataclass(spec.options_cls, cfg.options, prefix="options.")
-    check = getattr(opts, "validate", None)
-    if check is not None:
-        try:
-            check()
-        except ConfigError:
-            raise
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    try:
+        getattr(opts, "validate", lambda: None)()
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return opts
 
 
@@ -163,8 +160,7 @@ def check_config(cfg: RunConfig, objects: RunObjects | None = None) -> Any:
     objects = objects or RunObjects()
     # a student module the caller gave is checked by its recorded spec when the run is resumed
     if objects.student is None:
-        problem = unreloadable_model(cfg.model)
-        if problem:
+        if problem := unreloadable_model(cfg.model):
             raise ConfigError(problem)
         if not is_import_spec(cfg.model) and cfg.model not in list_models():
             close = difflib.get_close_matches(cfg.model, list_models(), n=1)
@@ -278,8 +274,7 @@ def build_student(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
             raise ConfigError(f"config key '{key}': {first}") from None
         if not cfg.model_kwargs:
             raise
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
-        if unknown:
+        if unknown := re.search(r"unexpected keyword argument '(\w+)'", str(exc)):
             raise ConfigError(
                 f"config key 'model_kwargs.{unknown.group(1)}': model '{cfg.model}' has no "
                 f"argument '{unknown.group(1)}'"
@@ -385,7 +380,7 @@ def record_split(p: Prepared) -> None:
     split = p.bundle.info.get("split")
     if split is None:
         return
-    path = p.run_dir / SPLIT_FILE
+    path = p.run_dir / "split.json"
     text = json.dumps(split, indent=2) + "\n"
     if path.is_file():
         if json.loads(path.read_text()) != json.loads(text):
@@ -459,8 +454,7 @@ def run(
     # the saved config must work from any folder: paths relative to here become absolute
     cfg = canonical_config(cfg)
     refuse_existing_run(cfg)
-    p = prepare(cfg, objects=objects)
-    return run_prepared(p, history)
+    return run_prepared(prepare(cfg, objects=objects), history)
 
 
 def run_prepared(p: Prepared, history: list[str] | None = None) -> dict[str, Any]:
@@ -479,9 +473,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     """Continue a run exactly where its last checkpoint left it (optionally with more epochs)."""
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir, which="last")
-    data = dict(state["config"])
-    data["out_dir"] = str(run_dir)
-    data.update(overrides or {})
+    data = {**state["config"], "out_dir": str(run_dir), **(overrides or {})}
     cfg = canonical_config(config_from_dict(data))
     trained = int(state["epoch"])
     if cfg.epochs < trained:
@@ -514,8 +506,7 @@ def evaluate_checkpoint(
         model, state = model_from_checkpoint(path, which="best")
     except ValueError:
         meta = load_checkpoint(path, which="best").get("model_meta") or {}
-        problem = unreloadable_model(str(meta.get("name", "")))
-        if problem:
+        if problem := unreloadable_model(str(meta.get("name", ""))):
             raise ConfigError(problem) from None
         raise
     meta = state["model_meta"]
