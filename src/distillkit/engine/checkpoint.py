@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,13 +43,10 @@ KILL_ENV = "DISTILLKIT_KILL_AFTER_EPOCH"
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
     """Hold back Ctrl-C until the block ends, so a checkpoint being written is always completed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread receives signals
-        return
     received: list[int] = []
     try:
         previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # e.g. an embedding interpreter that does not allow it
+    except ValueError:  # not the main thread (only it gets signals), or an embedding interpreter
         yield
         return
     try:

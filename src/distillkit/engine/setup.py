@@ -135,13 +135,12 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     called twice, or is shared is left alone, and so is a model torch.fx cannot trace. Returns
     the number of BNs folded.
     """
-    if model.training or any(p.requires_grad for p in model.parameters()):
+    trainable = model.training or any(p.requires_grad for p in model.parameters())
+    if trainable or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return 0
     from torch.fx import symbolic_trace
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return 0
     # trace a copy: tracing runs forward with proxies, and a forward with side effects on its
     # module (counters, cached features) must not see them
     try:
@@ -170,10 +169,9 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
             continue
         if occurrences[id(bn)] != 1 or occurrences[id(conv)] != 1:
             continue
-        weight, bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
-        conv.weight, conv.bias = weight, bias
         parent_name, _, child = node.target.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, nn.Identity())
         folded += 1

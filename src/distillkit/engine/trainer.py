@@ -53,24 +53,6 @@ from distillkit.teachers.local import LocalTeacher
 __all__ = ["Trainer", "build_optimizer", "evaluate", "lr_factor", "resolve_device"]
 
 
-class _EngineHooks:
-    """What a manually optimizing method borrows from the trainer: backward and step."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def optimizers(self) -> list[OptimizerConfig]:
-        return self.trainer.opts
-
-    def backward(self, loss: torch.Tensor) -> None:
-        t = self.trainer
-        t.scaler.scale(loss * t.loss_weight if t.loss_weight != 1.0 else loss).backward()
-
-    def step(self, opt: OptimizerConfig) -> None:
-        self.trainer.step_optimizer(opt)
-        opt.optimizer.zero_grad(set_to_none=True)
-
-
 class Trainer:
     """Runs epochs of a Distiller, evaluating and checkpointing after each one."""
 
@@ -157,7 +139,7 @@ class Trainer:
                 device_ids=ids,
                 find_unused_parameters=self.distiller.ddp_find_unused_parameters,
             )
-        self.distiller._engine = _EngineHooks(self)
+        self.distiller._engine = self  # what a manually optimizing method borrows (EngineHooks)
         self.loss_weight = 1.0
         self.logger = MetricsLogger(
             self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard
@@ -190,17 +172,16 @@ class Trainer:
         ]
         for model in frozen:
             fold_frozen_batchnorm(model)
+        nhwc = functools.partial(
+            use_channels_last, cfg.channels_last, device=self.device, amp=self.amp
+        )
         student = d.student if isinstance(d.student, nn.Module) else None
-        if student is not None and use_channels_last(
-            cfg.channels_last, student, self.device, self.amp
-        ):
+        if student is not None and nhwc(student):
             for child in d.children():
                 if child is not teacher:
                     child.to(memory_format=cl)
             self.loader.memory_format = cl
-        if teacher is not None and use_channels_last(
-            cfg.channels_last, teacher, self.device, self.amp
-        ):
+        if teacher is not None and nhwc(teacher):
             teacher.to(memory_format=cl)
         if cfg.compile:
             for model in ([student] if student is not None else []) + frozen:
@@ -287,7 +268,21 @@ class Trainer:
     def _teacher_queries(self) -> int:
         return self._queries_offset + int(getattr(self.distiller.teacher, "queries", 0))
 
-    # -- one optimizer step ------------------------------------------------------------------------
+    # -- backward and optimizer steps (also the EngineHooks of manual optimization) --------------
+    def optimizers(self) -> list[OptimizerConfig]:
+        """The configured optimizers, in configure_optimizers order."""
+        return self.opts
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """AMP-scaled backward of `loss` times this rank's batch weight (`loss_weight`)."""
+        w = self.loss_weight
+        self.scaler.scale(loss if w == 1.0 else loss * w).backward()
+
+    def step(self, opt: OptimizerConfig) -> None:
+        """`step_optimizer`, then zero that optimizer's gradients."""
+        self.step_optimizer(opt)
+        opt.optimizer.zero_grad(set_to_none=True)
+
     def step_optimizer(self, opt: OptimizerConfig) -> None:
         """Unscale, average gradients over ranks (manual mode), clip and step one optimizer."""
         params = opt.params()
@@ -352,8 +347,7 @@ class Trainer:
                 if not losses:
                     raise ValueError("training_step returned no losses")
                 loss = sum(losses.values())
-                w = self.loss_weight
-                self.scaler.scale(loss if w == 1.0 else loss * w).backward()
+                self.backward(loss)
                 for o in self.opts:
                     self.step_optimizer(o)
             self.scaler.update()
