@@ -115,14 +115,13 @@ def color_jitter(
     x: torch.Tensor,
     strength: float,
     gen: torch.Generator,
+    rows: _Rows,
     p: float = 0.8,
-    rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Brightness and contrast (and saturation/grayscale for RGB) jitter, per sample."""
     b, c = x.shape[:2]
     if strength <= 0:
         return x
-    rows = rows or _Rows(len(x))
     apply = (rows.rand(gen) < p).to(x.dtype)
     # brightness, contrast and saturation factors, drawn for every image (1 where not applied)
     factors = [rows.uniform(1 - strength, 1 + strength, gen).to(x.dtype) for _ in range(3)]
@@ -146,12 +145,11 @@ def gaussian_blur(
     p: float,
     sigma: Sequence[float],
     gen: torch.Generator,
+    rows: _Rows,
     radius: int = 1,
-    rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample sigma, applied with probability `p`."""
     b, c, h, w = x.shape
-    rows = rows or _Rows(len(x))
     coin = (rows.rand(gen) < p).to(x.dtype)
     s = rows.uniform(sigma[0], sigma[1], gen).to(x.dtype)
     offs = torch.arange(-radius, radius + 1, dtype=x.dtype)
@@ -170,9 +168,9 @@ def solarize(
     x: torch.Tensor,
     p: float,
     gen: torch.Generator,
+    rows: _Rows,
     threshold: float = 0.5,
-    rows: _Rows | None = None,
 ) -> torch.Tensor:
     """Invert pixels above `threshold`, per sample with probability `p`."""
-    coin = ((rows or _Rows(len(x))).rand(gen) < p).to(x.device).view(-1, 1, 1, 1)
+    coin = (rows.rand(gen) < p).to(x.device).view(-1, 1, 1, 1)
     return torch.where(coin & (x >= threshold), 1.0 - x, x)

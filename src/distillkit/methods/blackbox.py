@@ -96,12 +96,11 @@ def make_teacher(cfg: Any, options: BlackBoxOptions, teacher: nn.Module | None, 
             raise ConfigError(
                 f"options.teacher_url is set but the API key variable {options.api_key_env} is empty"
             )
-        cache = options.cache_dir or str(cfg.run_dir() / "teacher_cache")
         remote = RemoteTeacher(
             options.teacher_url,
             key,
             batch_size=options.request_batch,
-            cache_dir=cache,
+            cache_dir=options.cache_dir or str(cfg.run_dir() / "teacher_cache"),
             input_mean=bundle.mean,
             input_std=bundle.std,
             budget=options.budget,
@@ -151,11 +150,9 @@ def select_queries(features: np.ndarray, size: int, method: str, seed: int) -> n
 
 def response_target(out: TeacherOutput, kind: str) -> torch.Tensor:
     """What a pool stores per image: log-probabilities (soft) or labels (hard)."""
-    if kind == "hard":
-        if out.labels is not None:
-            return out.labels.long()
-        return out.log_probs().argmax(1)
-    return out.log_probs().float()
+    if kind != "hard":
+        return out.log_probs().float()
+    return out.labels.long() if out.labels is not None else out.log_probs().argmax(1)
 
 
 class BudgetedDistiller(Distiller):
@@ -218,8 +215,7 @@ class BudgetedDistiller(Distiller):
         """Choose `size` edge images (all, if fewer), ask about each once: (indices, targets)."""
         images = self.edge.images  # uint8, N x C x H x W: chosen on their [0, 1] pixels
         feats = images.reshape(len(images), -1).numpy().astype(np.float64) / 255.0
-        select = self.options.query_selection
-        idx = torch.from_numpy(select_queries(feats, size, select, self.seed))
+        idx = torch.from_numpy(select_queries(feats, size, self.options.query_selection, self.seed))
         return idx, self.query_all(idx, lambda part: self.edge_batch(part, device), target_of)
 
     @property
@@ -292,9 +288,8 @@ class EdgePoolDistiller(BudgetedDistiller):
         """Loss on a draw from the answered pool; logits on the edge batch for monitoring."""
         x, _, _ = batch
         sel = self.draw_pool(x)
-        xp = self.edge_batch(self.pool_idx[sel], x.device)
+        logits = self.student(self.edge_batch(self.pool_idx[sel], x.device))
         target = self.pool_t[sel].to(x.device)
-        logits = self.student(xp)
         if self.kind == "hard":
             losses = {"ce": F.cross_entropy(logits, target)}
         else:

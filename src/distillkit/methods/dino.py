@@ -167,10 +167,8 @@ class DINO(Distiller):
         """Views, raw images on the device and the cross-process reduction."""
         super().setup(ctx)
         o, bundle = self.options, ctx.bundle
-        global_size, local_size = o.crop_sizes(bundle.image_size)
         self.multicrop = MultiCrop(
-            global_size,
-            local_size,
+            *o.crop_sizes(bundle.image_size),
             o.local_crops_number,
             tuple(o.global_crops_scale),
             tuple(o.local_crops_scale),

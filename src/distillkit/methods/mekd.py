@@ -155,8 +155,7 @@ class MEKD(BudgetedDistiller):
             None if options.budget is None else int(options.budget * options.gan_query_fraction)
         )
         self.im_every = 1  # GAN updates between IM queries; setup() spreads the budget
-        self.gan_step = 0
-        self.gan_spent = 0
+        self.gan_step = self.gan_spent = 0
         self.pool_z: torch.Tensor | None = None
         self._pool_x: torch.Tensor | None = None  # pool_z's images (a cache, see pool_images)
         self.pool_t: torch.Tensor | None = None
@@ -179,14 +178,13 @@ class MEKD(BudgetedDistiller):
         if self.context is None:
             raise RuntimeError("MEKD.configure_optimizers needs setup(ctx) first")
         cfg, spe, o = self.context.cfg, self.context.steps_per_epoch, self.options
-        params = [p for p in self.student.parameters() if p.requires_grad]
         betas = (o.gan_beta1, o.gan_beta2)
         # the student idles through the GAN epochs: its warm-up and schedule span the epochs it
         # trains in; in the GAN phase the factor is the first distillation step's (shown, unused)
         start, epochs = o.gan_epochs * spe, cfg.epochs - o.gan_epochs
         return [
             OptimizerConfig(
-                build_optimizer(cfg, params),
+                build_optimizer(cfg, [p for p in self.student.parameters() if p.requires_grad]),
                 lr_lambda=lambda step: lr_factor(cfg, max(0, step - start), spe, epochs),
                 grad_clip=cfg.grad_clip,
                 name="student",

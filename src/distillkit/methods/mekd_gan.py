@@ -147,9 +147,8 @@ def d_loss(d_real: torch.Tensor, d_fake: torch.Tensor, kind: str) -> torch.Tenso
     """The discriminator's loss: hinge (max(0, 1 - real) + max(0, 1 + fake)) or BCE."""
     if kind == "hinge":
         return F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
-    return F.binary_cross_entropy_with_logits(
-        d_real, torch.ones_like(d_real)
-    ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+    bce = F.binary_cross_entropy_with_logits
+    return bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
 
 
 def g_loss(d_fake: torch.Tensor, kind: str) -> torch.Tensor:

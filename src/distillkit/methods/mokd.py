@@ -74,10 +74,9 @@ class MOKD(DINO):
             s, t = outputs[name]
             other_t = outputs[other_name][1]
             terms = self.self_losses(m, s, t, teacher_temp)
-            cross = dino_loss(
+            terms["cross"] = m.cross_weight * dino_loss(
                 s["head"], other_t["head"], m.center_cross, self.student_temp, teacher_temp
             )
-            terms["cross"] = m.cross_weight * cross
             if len(views) > 2:  # local crops: views 2.. search the other teacher's tokens
                 targets = self.search_targets(s["pooled"][2:], other, other_t)
                 search = sum(
