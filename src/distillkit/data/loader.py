@@ -135,13 +135,6 @@ class BatchLoader:
         """Where this rank's rows of `step` sit in the global batch (no gather attached)."""
         return BatchShard.from_counts(self.shard_counts(step), self.rank)
 
-    def epoch_indices(self) -> torch.Tensor:
-        """This rank's sample indices (into the split) for the current epoch, in batch order."""
-        order = self._global_order()
-        g = self.global_batch_size
-        parts = [order[step * g + self.shard(step).positions] for step in range(len(self))]
-        return torch.cat(parts) if parts else order[:0]
-
     def __len__(self) -> int:
         """Number of batches (steps) per epoch, the same on every rank."""
         n, g = len(self.base_indices), self.global_batch_size

@@ -167,11 +167,6 @@ class RemoteTeacher:
         return self
 
     @property
-    def bytes_exchanged(self) -> int:
-        """Request plus response body bytes so far."""
-        return self.bytes_sent + self.bytes_received
-
-    @property
     def remaining(self) -> int | None:
         """Client-side budget left (None: no client cap)."""
         return None if self.budget is None else self.budget - self.queries
