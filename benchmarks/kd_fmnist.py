@@ -9,6 +9,8 @@ Prints two markdown tables:
 The teacher is trained once and reused from its run directory (--out/teacher). The report goes to
 OUT/report.md; an earlier invocation's report is kept, renamed with its time
 (report.YYYYmmdd-HHMMSS.md), so a later `--skip-accuracy` run does not lose its accuracy table.
+Every student run trained and every overhead measurement appends one JSON line to --results
+(default benchmarks/results/kd_fmnist.jsonl; never rewritten).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fmnist_teacher as shared  # noqa: E402
 from _common import keep_previous  # noqa: E402
 
 from distillkit.config import config_from_dict
@@ -37,6 +40,13 @@ from distillkit.models import build_model
 from distillkit.report import markdown_table
 from distillkit.runner import run
 from distillkit.teachers import LocalTeacher
+
+RESULTS = Path(__file__).resolve().parent / "results" / "kd_fmnist.jsonl"
+
+
+def machine() -> str:
+    """torch version and thread count of this process."""
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--overhead-steps", type=int, default=150)
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--results", default=str(RESULTS), help="JSON-lines file the runs append to")
     return p.parse_args()
 
 
@@ -102,6 +113,11 @@ def accuracy_table(args: argparse.Namespace, out: Path, tdir: Path) -> str:
                 if method == "kd":
                     spec.update(teacher=str(tdir), options={"temperature": 4.0, "alpha": 0.1})
                 run(config_from_dict(spec))
+                summary = json.loads((rdir / "metrics.json").read_text())
+                record = {"kind": "accuracy", "run": label, "seed": seed, "machine": machine()}
+                keys = ("model", "epochs", "test_acc", "best_acc", "images_per_sec")
+                record.update({k: summary[k] for k in keys}, teacher=args.teacher_model)
+                shared.append_result(args.results, record)
             summary = json.loads((rdir / "metrics.json").read_text())
             results[label].append(summary)
             print(f"seed {seed} {label}: {summary['test_acc']:.2f}", flush=True)
@@ -240,6 +256,10 @@ def overhead_table(args: argparse.Namespace, tdir: Path, out: Path) -> str:
         {"loop": "distillkit Trainer.train_epoch, default config", "img/s (best of 3)": f"{d:.0f}"}
     )
     overhead = 100.0 * (h - e) / h
+    record = {"kind": "overhead", "machine": machine(), "steps": args.overhead_steps}
+    record.update(teacher=args.teacher_model, student=args.student_model, batch=args.batch_size)
+    record.update(hand=hand, same_step=same, default_config=default, overhead_pct=overhead)
+    shared.append_result(args.results, record)
     return (
         markdown_table(rows, ["loop", "img/s (best of 3)"])
         + f"\n\nengine overhead on the same step: {overhead:+.1f}%; "
@@ -260,8 +280,7 @@ def main() -> None:
     sections.append(
         "### Engine overhead (KD step, no augmentation)\n\n" + overhead_table(args, tdir, out)
     )
-    machine = f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
-    report = "\n\n".join(sections) + f"\n\nMachine: {machine}\n"
+    report = "\n\n".join(sections) + f"\n\nMachine: {machine()}\n"
     keep_previous(out, ["report.md"])
     (out / "report.md").write_text(report)
     print("\n" + report)

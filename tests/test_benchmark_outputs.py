@@ -110,6 +110,60 @@ def test_kd_second_invocation_keeps_the_first_report(tmp_path, monkeypatch):
     assert "+0.3%" in first and _kept(out, "report*.md", first)
 
 
+def test_kd_runs_and_overhead_append_to_results(tmp_path, monkeypatch):
+    """Each student run trained and each overhead measurement is one JSON line in --results."""
+    import argparse
+
+    bench = _load("kd_fmnist")
+    results = tmp_path / "kd.jsonl"
+    results.write_text('{"earlier": 1}\n')
+    args = argparse.Namespace(
+        seeds="0",
+        student_model="cnn_small",
+        teacher_model="resnet8",
+        epochs=1,
+        data_dir=None,
+        batch_size=128,
+        lr=0.05,
+        overhead_steps=5,
+        results=str(results),
+    )
+    tdir = _teacher(tmp_path)
+    (tdir / "metrics.json").write_text(
+        json.dumps({"test_acc": 90.0, "best_acc": 90.5, "epochs": 6, "images_per_sec": 100.0})
+    )
+
+    def fake_run(cfg):
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True)
+        acc = {"ce": 80.0, "kd": 82.5}[cfg.method]
+        keys = {"model": cfg.model, "epochs": cfg.epochs, "images_per_sec": 50.0}
+        (out / "metrics.json").write_text(json.dumps({**keys, "test_acc": acc, "best_acc": acc}))
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    bench.accuracy_table(args, tmp_path / "out", tdir)
+    bench.accuracy_table(args, tmp_path / "out", tdir)  # reused runs are not appended again
+    speeds = {
+        "hand": iter([100.0, 120.0, 110.0]),
+        "same": iter([90.0, 114.0, 100.0]),  # the same float32 step: called with amp="none"
+        "default": iter([200.0, 210.0, 205.0]),
+    }
+    monkeypatch.setattr(bench, "hand_written_kd", lambda *a: next(speeds["hand"]))
+    monkeypatch.setattr(
+        bench, "engine_epoch_kd", lambda *a, **k: next(speeds["same" if "amp" in k else "default"])
+    )
+    text = bench.overhead_table(args, tdir, tmp_path / "out")
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert lines[0] == {"earlier": 1}
+    runs = [(r["run"], r["seed"], r["test_acc"]) for r in lines if r.get("kind") == "accuracy"]
+    assert runs == [("student alone", 0, 80.0), ("KD", 0, 82.5)]
+    (over,) = [r for r in lines if r.get("kind") == "overhead"]
+    assert over["hand"] == [100.0, 120.0, 110.0] and over["default_config"][1] == 210.0
+    # best of 3: hand 120, same step 114 -> 5% slower
+    assert over["overhead_pct"] == pytest.approx(5.0)
+    assert "+5.0%" in text and "finished_at" in over
+
+
 # -- MOKD: the untrained rows of README's table ---------------------------------------------------
 def test_mokd_untrained_rows_come_from_the_benchmark(tmp_path, monkeypatch):
     """--untrained adds the MOKD pair at initialisation, evaluated like the trained models."""
