@@ -105,7 +105,8 @@ def accuracy_table(args: argparse.Namespace, out: Path, tdir: Path) -> str:
     for seed in seeds:
         for label, method in (("student alone", "ce"), ("KD", "kd")):
             rdir = out / f"{method}_s{seed}"
-            if not (rdir / "metrics.json").is_file():
+            trained = not (rdir / "metrics.json").is_file()
+            if trained:
                 spec = base_spec(
                     args, name=f"{method}_s{seed}", model=args.student_model, epochs=args.epochs
                 )
@@ -113,12 +114,12 @@ def accuracy_table(args: argparse.Namespace, out: Path, tdir: Path) -> str:
                 if method == "kd":
                     spec.update(teacher=str(tdir), options={"temperature": 4.0, "alpha": 0.1})
                 run(config_from_dict(spec))
-                summary = json.loads((rdir / "metrics.json").read_text())
+            summary = json.loads((rdir / "metrics.json").read_text())
+            if trained:  # a run reused from an earlier invocation is already recorded
                 record = {"kind": "accuracy", "run": label, "seed": seed, "machine": machine()}
                 keys = ("model", "epochs", "test_acc", "best_acc", "images_per_sec")
                 record.update({k: summary[k] for k in keys}, teacher=args.teacher_model)
                 shared.append_result(args.results, record)
-            summary = json.loads((rdir / "metrics.json").read_text())
             results[label].append(summary)
             print(f"seed {seed} {label}: {summary['test_acc']:.2f}", flush=True)
 

@@ -138,9 +138,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:  # None itself was handled above: NoneType is an unsupported type
-            with contextlib.suppress(ConfigError):
-                return _coerce(key, value, arg)
+        for arg in args:
+            if arg is not type(None):
+                with contextlib.suppress(ConfigError):
+                    return _coerce(key, value, arg)
         name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
     if tp is Any:
